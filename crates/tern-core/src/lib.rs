@@ -1,0 +1,18 @@
+//! tern-core: the engine of Tern.
+//!
+//! A migration reads top-down through these modules:
+//! - [`sys`]: newtypes over raw kernel ids ([`sys::Pid`]) and the errno helpers every module uses.
+//! - [`proc`]: everything the kernel tells about a process through /proc (tasks, maps, fds, ...).
+//! - [`check`]: turns a [`proc::ProcessInventory`] into a verdict: movable, or not and why.
+//! - [`ptrace`]: seize, interrupt, read registers, detach — owned by one tracer thread per target.
+//! - [`remote`]: run syscalls inside a frozen target (compel's technique, no parasite).
+//! - [`pidfd`]: pidfd_open / pidfd_getfd, to duplicate a target's fds into the engine.
+//! - [`probe`]: which kernel mechanisms this machine has (soft-dirty, userfaultfd, PAGEMAP_SCAN, ...).
+
+pub mod check;
+pub mod pidfd;
+pub mod probe;
+pub mod proc;
+pub mod ptrace;
+pub mod remote;
+pub mod sys;

@@ -1,0 +1,3 @@
+export * from './codec.js';
+export * from './engine.js';
+export * from './schemas.js';
