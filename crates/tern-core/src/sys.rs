@@ -41,6 +41,11 @@ impl fmt::Display for Pid {
     }
 }
 
+/// A thread id. The kernel draws thread ids and process ids from one number space (a process id is
+/// the id of its thread-group leader), so a tid is a [`Pid`] by another name; the alias documents
+/// which of the two a signature means.
+pub type Tid = Pid;
+
 /// An errno value returned by a failed syscall.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Errno(pub i32);
