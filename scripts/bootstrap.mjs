@@ -132,6 +132,7 @@ try {
       run('cargo', ['test', '--release', '--workspace', ...(process.env.CARGO_TEST_ARGS?.split(' ') ?? [])]);
       log('running tap');
       run(join(root, 'node_modules', '.bin', 'tap'), rest);
+      if (rest.length === 0) run(process.execPath, [join(root, 'scripts', 'coverage-gate.mjs')]);
       break;
     case 'demo':
       setup();

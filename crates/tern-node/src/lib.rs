@@ -112,7 +112,12 @@ fn tracer_syscall(Boxed(handle): Boxed<TracerHandle>, nr: f64, Json(args): Json<
     }
     let mut raw = [0u64; 6];
     for (slot, value) in raw.iter_mut().zip(&args) {
-        *slot = to_u64("syscall argument", *value)?;
+        // Arguments may be negative (fd -1, AT_FDCWD): they reach the kernel as the two's
+        // complement bit pattern, exactly as a C caller's int would.
+        if value.fract() != 0.0 || value.abs() > 9_007_199_254_740_991.0 {
+            return Err(Error::from(format!("syscall argument {value} is not an integer within ±2^53")));
+        }
+        *slot = *value as i64 as u64;
     }
     let nr = to_u64("syscall number", nr)? as i64;
     let ret = handle.0.syscall(nr, raw).map_err(|e| Error::from(e.to_string()))?;

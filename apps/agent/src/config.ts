@@ -1,0 +1,45 @@
+/**
+ * Agent configuration: a JSON file named by `tern-agent --config FILE`, overridable by environment
+ * (TERN_AGENT_LISTEN, TERN_AGENT_PORT, TERN_CLUSTER_TOKEN) so systemd's environment file works.
+ */
+import { readFileSync } from 'node:fs';
+
+export interface AgentConfig {
+  /** Host name as the coordinator knows it (hostA, ...). */
+  name: string;
+  listen: string;
+  port: number;
+  /** Bearer token every control request must carry. */
+  clusterToken: string;
+}
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+export function loadAgentConfig(file: string | undefined, env: NodeJS.ProcessEnv = process.env): AgentConfig {
+  let raw: Record<string, unknown> = {};
+  if (file) {
+    try {
+      raw = JSON.parse(readFileSync(file, 'utf8')) as Record<string, unknown>;
+    } catch (err) {
+      throw new ConfigError(`cannot read agent config ${file}: ${(err as Error).message}`);
+    }
+  }
+  const config = {
+    name: env.TERN_AGENT_NAME ?? raw.name ?? 'local',
+    listen: env.TERN_AGENT_LISTEN ?? raw.listen ?? '127.0.0.1',
+    port: Number(env.TERN_AGENT_PORT ?? raw.port ?? 7070),
+    clusterToken: env.TERN_CLUSTER_TOKEN ?? raw.clusterToken,
+  };
+  if (typeof config.clusterToken !== 'string' || config.clusterToken.length < 16) {
+    throw new ConfigError('clusterToken (or TERN_CLUSTER_TOKEN) must be set to at least 16 characters');
+  }
+  if (!Number.isInteger(config.port) || config.port <= 0 || config.port > 65535) {
+    throw new ConfigError(`port ${String(config.port)} is not a TCP port`);
+  }
+  if (typeof config.name !== 'string' || typeof config.listen !== 'string') {
+    throw new ConfigError('name and listen must be strings');
+  }
+  return config as AgentConfig;
+}

@@ -1,0 +1,105 @@
+/**
+ * Shared plumbing for end-to-end tests: a lab per test file (always destroyed), the CLI as a child
+ * process, and small waits. Tests start every process they touch themselves.
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Lab } from '@tern/lab';
+
+export const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+export const cliMain = join(repoRoot, 'apps', 'cli', 'dist', 'main.js');
+
+interface Teardownable {
+  teardown(fn: () => unknown): void;
+}
+
+/** A fresh lab for one test, destroyed in teardown whatever happens. */
+export async function labFor(t: Teardownable, hosts = 2): Promise<Lab> {
+  const lab = await Lab.create({ hosts });
+  t.teardown(() => lab.destroy());
+  return lab;
+}
+
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `migrate ARGS` (the built CLI) on this machine, in the root namespaces. */
+export function runCli(args: string[], opts: { env?: NodeJS.ProcessEnv; asUid?: number } = {}): Promise<CliResult> {
+  // As another user, tap's coverage and process-info hooks (which it injects into every child's
+  // environment, writing into a root-owned .tap/) would fail before our code runs: `env -i` gives
+  // that process a plain environment and setpriv drops to the user.
+  const [cmd, argv] =
+    opts.asUid === undefined
+      ? [process.execPath, [cliMain, ...args]]
+      : ['env', ['-i', `PATH=${process.env.PATH ?? '/usr/bin:/bin'}`, 'setpriv', `--reuid=${opts.asUid}`, `--regid=${opts.asUid}`, '--clear-groups', process.execPath, cliMain, ...args]];
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, argv, { env: { ...process.env, ...opts.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+/** Runs `migrate ARGS` inside a lab host's namespaces (pids as that host sees them). */
+export async function runCliInHost(lab: Lab, host: string, args: string[]): Promise<CliResult> {
+  const r = await lab.run(host, [process.execPath, cliMain, ...args], { timeoutMs: 60_000 });
+  return { code: r.code, stdout: r.stdout, stderr: r.stderr };
+}
+
+export async function sleep(ms: number): Promise<void> {
+  await new Promise((r) => setTimeout(r, ms));
+}
+
+/** Polls `probe` until it returns a truthy value or `timeoutMs` passes. */
+export async function waitFor<T>(what: string, probe: () => Promise<T> | T, timeoutMs = 10_000, everyMs = 50): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const v = await probe();
+      if (v) return v as NonNullable<T>;
+    } catch (err) {
+      last = err;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${String(last)}` : ''}`);
+    }
+    await sleep(everyMs);
+  }
+}
+
+/** Counts of what /proc says about a process, to compare against the engine's inventory. */
+export function procCounts(rootPid: number): { threads: number; fds: number; vmas: number } {
+  const ls = (dir: string) => spawnSync('ls', [dir], { encoding: 'utf8' }).stdout.split('\n').filter(Boolean).length;
+  return {
+    threads: ls(`/proc/${rootPid}/task`),
+    fds: ls(`/proc/${rootPid}/fd`),
+    vmas: readFileSync(`/proc/${rootPid}/maps`, 'utf8').split('\n').filter(Boolean).length,
+  };
+}
+
+/** Signal-related fields of /proc/PID/status: pending, blocked, caught. */
+export function signalState(rootPid: number): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const line of readFileSync(`/proc/${rootPid}/status`, 'utf8').split('\n')) {
+    const m = /^(SigPnd|ShdPnd|SigBlk|SigIgn|SigCgt):\s+(\S+)/.exec(line);
+    if (m?.[1] && m[2]) out[m[1]] = m[2];
+  }
+  return out;
+}
+
+/** Redis helper: `redis-cli` against a server, run from the lab's client namespace. */
+export async function redisCli(lab: Lab, host: string, address: string, port: number, args: string[]): Promise<string> {
+  const r = await lab.run(host, ['redis-cli', '-h', address, '-p', String(port), ...args], { timeoutMs: 20_000 });
+  // redis-cli exits 0 on error replies: look at the reply itself.
+  if (r.code !== 0 || /^(ERR|WRONGTYPE|NOPERM)/.test(r.stdout)) throw new Error(`redis-cli ${args.join(' ')} failed: ${r.stdout}${r.stderr}`);
+  return r.stdout.trim();
+}
