@@ -1,0 +1,1 @@
+//! (the dump: freeze, gather the image, read pages — filled in by the dump/restore core)

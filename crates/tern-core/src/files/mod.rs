@@ -1,0 +1,1 @@
+//! (open files: dump and recreate every fd kind — filled in by the files work)
