@@ -190,3 +190,4 @@ export const SYS = {
   prctl: 157,
   userfaultfd: 323,
 } as const;
+export * from './migration.js';
