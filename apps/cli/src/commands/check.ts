@@ -56,7 +56,7 @@ export function renderCheck(inv: ProcessInventory, report: CheckReport): string 
   const out: string[] = [];
   const nsNote = inv.nsPid !== inv.pid ? ` (pid ${inv.nsPid} in its own pid namespace)` : '';
   out.push(`pid ${inv.pid}${nsNote}: ${inv.comm}  ${inv.exe ?? '(no executable)'}`);
-  out.push(`  cmdline   ${inv.cmdline.join(' ')}`);
+  out.push(`  cmdline   ${inv.cmdline.join(' ').trimEnd()}`);
   out.push(`  state     ${inv.state}, ppid ${inv.ppid}, session ${inv.session}, cwd ${inv.cwd ?? '?'}`);
   out.push(`  resident  ${formatBytes(report.residentBytes)}`);
   out.push('');
