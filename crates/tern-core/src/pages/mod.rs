@@ -1,9 +1,26 @@
 //! Pages: where dumped memory goes and where restore takes it from.
 //!
 //! The dump reads a frozen process's present pages in large batches and hands them to a
-//! [`PageSink`]: a local [`PageStore`] (tests, same-host restore) or a network sender that streams
-//! them to the destination's page server (see the transfer module). Zero pages travel as markers only.
-//! Restore reads a [`PageStore`] range by range.
+//! [`PageSink`]: a local [`PageStore`] (tests, same-host restore) or a [`PageSender`] that streams
+//! them to the destination's [`PageServer`] (see [`wire`] for the protocol). Zero pages travel as
+//! markers only. Restore reads a [`PageStore`] range by range.
+//!
+//! - [`store`]: the in-memory page store (large runs, later writes win).
+//! - [`wire`]: the TERN page stream format and its validating decoder.
+//! - [`sender`]: the source side (batched, corked, vectored writes; bandwidth limit).
+//! - [`server`]: the destination side (own threads; stages per connection, commits on END).
+//! - [`bench`]: page stream vs plain TCP throughput over loopback.
+
+pub mod bench;
+pub mod sender;
+pub mod server;
+pub mod store;
+pub mod wire;
+
+pub use sender::{PageSender, SendError, SenderOptions, TransferStats};
+pub use server::{Expected, PageServer, ServeError, ServerOptions, ServerProgress};
+pub use store::{PageRef, PageRun, PageStore, StoreError, StoreStats};
+pub use wire::{MigrationId, Token};
 
 /// Size of a base page on x86_64.
 pub const PAGE_SIZE: usize = 4096;

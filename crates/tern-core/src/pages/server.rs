@@ -1,0 +1,541 @@
+//! The destination side of page streams: [`PageServer`].
+//!
+//! ```text
+//! bind(addr, expected {migration_id, token})      → listening; port() tells the port (0 = any)
+//!   accept thread (poll on listener + an eventfd for shutdown)
+//!     └─ one thread per connection (at most max_connections at once; more get BUSY):
+//!          hello (hello_timeout) → magic/version/flags, then migration id AND token compared in
+//!          constant time (both always) → REPLY OK, or REPLY <reason> + close (counted as
+//!          rejected; nothing else happens: a stranger cannot disturb a legitimate stream)
+//!          records → validated → written into a fresh staging PageStore of this connection
+//!          END valid → staging merged into the migration's store under the lock (a move when the
+//!                      store is empty), event Completed, then STATUS OK (so OK = committed)
+//!          any error → staging dropped (never half-applied), event Failed, STATUS <code>,
+//!                      short drain, close
+//! wait(timeout)       → next event: Completed → (the store, taken out; stats) | Failed → error
+//! wait_stream(timeout)→ next event without taking the store (pre-copy rounds: streams one after
+//!                       another merge into the same store, later pages win); take_store() later
+//! shutdown()          → stop accepting, shut every connection down, join all threads, drop store
+//! ```
+//!
+//! Streams of one migration may also overlap in time; each commits at its own END, so where two
+//! streams carry the same page, the one whose END arrives last wins. The source must not run two
+//! rounds at once. A failed stream does not undo earlier committed streams (each is complete and
+//! verified on its own); the control plane decides whether to resend or abort.
+
+use super::sender::TransferStats;
+use super::wire::{
+    self, ct_eq, encode_hello_reply, Hello, HelloStatus, MigrationId, Record, RecordError,
+    RecordReader, Status, Token, HELLO_LEN, MAX_DATA_PAGES,
+};
+use super::{PageSink, PageStore, PAGE_SIZE};
+use serde::Serialize;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The one migration a server accepts streams for.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub migration_id: MigrationId,
+    pub token: Token,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// How long a new connection has to send its hello.
+    pub hello_timeout: Duration,
+    /// Longest silence inside a stream before it is dropped.
+    pub io_timeout: Duration,
+    /// Connections handled at once; more are refused with BUSY.
+    pub max_connections: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            hello_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(60),
+            max_connections: 8,
+        }
+    }
+}
+
+/// Live counters (readable at any time, e.g. by the agent's progress reporting).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerProgress {
+    pub connections_accepted: u64,
+    pub connections_rejected: u64,
+    pub streams_active: u64,
+    pub streams_completed: u64,
+    pub streams_failed: u64,
+    /// Validated pages received so far, including streams still in flight (and failed ones).
+    pub data_pages_received: u64,
+    pub zero_pages_received: u64,
+    pub wire_bytes_received: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("page server: binding {addr} failed")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("page server: setting up the listener failed")]
+    Setup(#[source] io::Error),
+    #[error("page server: starting its thread failed")]
+    Spawn(#[source] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("page server: no stream completed within {0:?}")]
+    Timeout(Duration),
+    #[error("page server: the stream from {peer} failed and its pages were discarded")]
+    StreamFailed {
+        peer: SocketAddr,
+        #[source]
+        error: RecordError,
+    },
+    #[error("page server: shut down")]
+    ShutDown,
+}
+
+#[derive(Debug)]
+enum Event {
+    Completed(TransferStats),
+    Failed {
+        peer: SocketAddr,
+        error: RecordError,
+    },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    store: PageStore,
+    events: VecDeque<Event>,
+    conns: HashMap<u64, TcpStream>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    rejected: AtomicU64,
+    active: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    data_pages: AtomicU64,
+    zero_pages: AtomicU64,
+    wire_bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    expected: Expected,
+    opts: ServerOptions,
+    stop: AtomicBool,
+    state: Mutex<State>,
+    cond: Condvar,
+    n: Counters,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panicking connection thread must not take the server down with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Receives page streams for one migration. See the module header.
+#[derive(Debug)]
+pub struct PageServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    wake: OwnedFd,
+    accept: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl PageServer {
+    pub fn bind(addr: SocketAddr, expected: Expected) -> Result<PageServer, BindError> {
+        PageServer::bind_with(addr, expected, ServerOptions::default())
+    }
+
+    pub fn bind_with(
+        addr: SocketAddr,
+        expected: Expected,
+        opts: ServerOptions,
+    ) -> Result<PageServer, BindError> {
+        let listener =
+            TcpListener::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
+        listener.set_nonblocking(true).map_err(BindError::Setup)?;
+        let local = listener.local_addr().map_err(BindError::Setup)?;
+        // SAFETY: eventfd takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(BindError::Setup(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh eventfd that nothing else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
+        let wake_raw = wake.as_raw_fd();
+        let shared = Arc::new(Shared {
+            expected,
+            opts,
+            stop: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+            n: Counters::default(),
+        });
+        let sh = shared.clone();
+        let accept = std::thread::Builder::new()
+            .name("tern-page-accept".into())
+            .spawn(move || accept_loop(sh, listener, wake_raw))
+            .map_err(BindError::Spawn)?;
+        Ok(PageServer {
+            addr: local,
+            shared,
+            wake,
+            accept: Mutex::new(Some(accept)),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn progress(&self) -> ServerProgress {
+        let n = &self.shared.n;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ServerProgress {
+            connections_accepted: g(&n.accepted),
+            connections_rejected: g(&n.rejected),
+            streams_active: g(&n.active),
+            streams_completed: g(&n.completed),
+            streams_failed: g(&n.failed),
+            data_pages_received: g(&n.data_pages),
+            zero_pages_received: g(&n.zero_pages),
+            wire_bytes_received: g(&n.wire_bytes),
+        }
+    }
+
+    fn next_event(&self, timeout: Duration) -> Result<(MutexGuard<'_, State>, Event), ServeError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.shared.lock();
+        loop {
+            if self.shared.stop.load(Ordering::SeqCst) {
+                return Err(ServeError::ShutDown);
+            }
+            if let Some(ev) = st.events.pop_front() {
+                return Ok((st, ev));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ServeError::Timeout(timeout));
+            }
+            st = self
+                .shared
+                .cond
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Waits for the next stream to end. A valid END → the store (taken out of the server: a later
+    /// stream starts a new one) and that stream's stats; a failed stream → its error.
+    /// Connections refused at hello are not events and do not end the wait.
+    pub fn wait(&self, timeout: Duration) -> Result<(PageStore, TransferStats), ServeError> {
+        match self.next_event(timeout)? {
+            (mut st, Event::Completed(stats)) => Ok((std::mem::take(&mut st.store), stats)),
+            (_, Event::Failed { peer, error }) => Err(ServeError::StreamFailed { peer, error }),
+        }
+    }
+
+    /// Like [`PageServer::wait`] but leaves the store in place, so that the next stream merges
+    /// into it (pre-copy rounds). Take it with [`PageServer::take_store`].
+    pub fn wait_stream(&self, timeout: Duration) -> Result<TransferStats, ServeError> {
+        match self.next_event(timeout)? {
+            (_, Event::Completed(stats)) => Ok(stats),
+            (_, Event::Failed { peer, error }) => Err(ServeError::StreamFailed { peer, error }),
+        }
+    }
+
+    /// The pages committed so far (leaves an empty store behind).
+    pub fn take_store(&self) -> PageStore {
+        std::mem::take(&mut self.shared.lock().store)
+    }
+
+    /// Stops accepting, breaks every connection, joins every thread and drops all pages.
+    /// Idempotent; also done on drop.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A failure (counter full) is
+        // harmless: the accept thread is already woken.
+        let _ = unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        let handle = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+        let mut st = self.shared.lock();
+        st.store.clear();
+        st.events.clear();
+        drop(st);
+        self.shared.cond.notify_all();
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn accept_loop(sh: Arc<Shared>, listener: TcpListener, wake: i32) {
+    let mut next_id = 0u64;
+    while !sh.stop.load(Ordering::SeqCst) {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd and we pass its length.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        if fds[1].revents != 0 || sh.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let (sock, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => {
+                // EMFILE and the like: back off instead of spinning.
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        let mut st = sh.lock();
+        st.threads.retain(|t| !t.is_finished());
+        if st.conns.len() >= sh.opts.max_connections {
+            drop(st);
+            bump(&sh.n.rejected, 1);
+            let _ = sock.set_nonblocking(true);
+            let _ = (&sock).write(&encode_hello_reply(HelloStatus::Busy));
+            continue;
+        }
+        let Ok(clone) = sock.try_clone() else {
+            continue;
+        };
+        let id = next_id;
+        next_id += 1;
+        st.conns.insert(id, clone);
+        let sh2 = sh.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tern-page-conn".into())
+            .spawn(move || {
+                serve_conn(&sh2, sock, peer);
+                sh2.lock().conns.remove(&id);
+            });
+        match spawned {
+            Ok(h) => st.threads.push(h),
+            Err(_) => {
+                st.conns.remove(&id);
+            }
+        }
+    }
+    // Teardown: break every connection, then join their threads (without holding the lock).
+    let threads = {
+        let mut st = sh.lock();
+        for c in st.conns.values() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        std::mem::take(&mut st.threads)
+    };
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn reply(sock: &TcpStream, status: HelloStatus) {
+    let _ = (&*sock).write_all(&encode_hello_reply(status));
+}
+
+fn serve_conn(sh: &Shared, sock: TcpStream, peer: SocketAddr) {
+    let setup = (|| -> io::Result<()> {
+        sock.set_nonblocking(false)?;
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(sh.opts.hello_timeout))?;
+        sock.set_write_timeout(Some(sh.opts.hello_timeout))
+    })();
+    let mut hb = [0u8; HELLO_LEN];
+    if setup.is_err() || !matches!(wire::read_full(&mut &sock, &mut hb), Ok(HELLO_LEN)) {
+        bump(&sh.n.rejected, 1);
+        return;
+    }
+    let status = match Hello::decode(&hb) {
+        Err(e) => e.status(),
+        Ok(h) => {
+            // Both comparisons always run, each in constant time.
+            let id_ok = ct_eq(&h.migration_id.0, &sh.expected.migration_id.0);
+            let token_ok = h.token.ct_eq(&sh.expected.token);
+            if !id_ok {
+                HelloStatus::UnknownMigration
+            } else if !token_ok {
+                HelloStatus::BadToken
+            } else if sh.stop.load(Ordering::SeqCst) {
+                HelloStatus::ShuttingDown
+            } else {
+                HelloStatus::Ok
+            }
+        }
+    };
+    reply(&sock, status);
+    if status != HelloStatus::Ok {
+        bump(&sh.n.rejected, 1);
+        let _ = sock.shutdown(Shutdown::Both);
+        return;
+    }
+    bump(&sh.n.accepted, 1);
+    bump(&sh.n.active, 1);
+    let started = Instant::now();
+    let _ = sock.set_read_timeout(Some(sh.opts.io_timeout));
+    let mut reader = RecordReader::new(BufReader::with_capacity(256 << 10, &sock), &hb);
+    let mut staging = PageStore::new();
+    let mut buf = Vec::with_capacity(MAX_DATA_PAGES as usize * PAGE_SIZE);
+    let mut last_wire = HELLO_LEN as u64;
+    bump(&sh.n.wire_bytes, last_wire);
+    let outcome = loop {
+        let r = match reader.next_record(&mut buf) {
+            Ok(Record::Data { vaddr, data }) => {
+                bump(&sh.n.data_pages, (data.len() / PAGE_SIZE) as u64);
+                staging.put_pages(vaddr, data).map_err(RecordError::from)
+            }
+            Ok(Record::Zero { vaddr, count }) => {
+                bump(&sh.n.zero_pages, count);
+                staging
+                    .put_zero_pages(vaddr, count)
+                    .map_err(RecordError::from)
+            }
+            Ok(Record::End(totals)) => break Ok(totals),
+            Err(RecordError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(RecordError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no data from the source for {:?}", sh.opts.io_timeout),
+                )))
+            }
+            Err(e) => Err(e),
+        };
+        let w = reader.wire_bytes();
+        bump(&sh.n.wire_bytes, w - last_wire);
+        last_wire = w;
+        if let Err(e) = r {
+            break Err(e);
+        }
+    };
+    sh.n.active.fetch_sub(1, Ordering::Relaxed);
+    let _ = sock.set_write_timeout(Some(Duration::from_secs(1)));
+    match outcome {
+        Ok(totals) => {
+            let stats = TransferStats::new(&totals, reader.wire_bytes(), started.elapsed());
+            drop(reader);
+            let committed = {
+                let mut st = sh.lock();
+                if sh.stop.load(Ordering::SeqCst) {
+                    false
+                } else {
+                    staging.compact();
+                    st.store.merge_from(staging);
+                    st.events.push_back(Event::Completed(stats));
+                    true
+                }
+            };
+            let code = if committed {
+                bump(&sh.n.completed, 1);
+                sh.cond.notify_all();
+                wire::status::OK
+            } else {
+                wire::status::SHUTTING_DOWN
+            };
+            let _ = (&sock).write_all(&Status { code, totals }.encode_record());
+        }
+        Err(error) => {
+            drop(staging);
+            let totals = reader.totals();
+            drop(reader);
+            let _ = (&sock).write_all(
+                &Status {
+                    code: error.status_code(),
+                    totals,
+                }
+                .encode_record(),
+            );
+            // Let the STATUS reach the source before the close turns into a reset: stop sending,
+            // then drain what is in flight for a moment.
+            let _ = sock.shutdown(Shutdown::Write);
+            drain(&sock, Duration::from_millis(200));
+            bump(&sh.n.failed, 1);
+            sh.lock().events.push_back(Event::Failed { peer, error });
+            sh.cond.notify_all();
+        }
+    }
+    let _ = sock.shutdown(Shutdown::Both);
+}
+
+fn drain(sock: &TcpStream, for_: Duration) {
+    let until = Instant::now() + for_;
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(20)));
+    let mut junk = vec![0u8; 256 << 10];
+    while Instant::now() < until {
+        match (&*sock).read(&mut junk) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
