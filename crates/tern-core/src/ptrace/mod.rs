@@ -65,7 +65,7 @@ pub use crate::remote::{MemoryError, RemoteSyscallError};
 pub use stop::{decode_wait_status, PtraceEvent, Stop};
 pub use tracer::{
     FreezeError, FreezeReport, GeneralRegisters, RegistersError, RseqConfiguration, ThawError,
-    ThawReport, ThreadRegisters, Tracer, TracerError, Xstate,
+    ThawReport, ThreadRegisters, ThreadSignals, Tracer, TracerError, Xstate,
 };
 
 use crate::sys::{Errno, Tid};
@@ -88,6 +88,11 @@ const XSTATE_BV_OFFSET: usize = 512;
 /// `PTRACE_GET_RSEQ_CONFIGURATION` (Linux 5.13+), not in every libc.
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+/// `PTRACE_PEEKSIGINFO_SHARED`: peek the process-wide queue instead of the thread's.
+const PEEKSIGINFO_SHARED: u32 = 1;
+/// Size of a raw `siginfo_t`.
+pub const SIGINFO_SIZE: usize = 128;
 
 /// The ptrace requests the engine issues, named for error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +109,9 @@ pub enum Request {
     GetSigMask,
     SetSigMask,
     GetRseqConfiguration,
+    GetSiginfo,
+    PeekSiginfo,
+    SetXstate,
 }
 
 impl Request {
@@ -121,6 +129,9 @@ impl Request {
             Request::GetSigMask => libc::PTRACE_GETSIGMASK,
             Request::SetSigMask => PTRACE_SETSIGMASK,
             Request::GetRseqConfiguration => PTRACE_GET_RSEQ_CONFIGURATION,
+            Request::GetSiginfo => libc::PTRACE_GETSIGINFO,
+            Request::PeekSiginfo => PTRACE_PEEKSIGINFO,
+            Request::SetXstate => libc::PTRACE_SETREGSET,
         }
     }
 
@@ -138,6 +149,9 @@ impl Request {
             Request::GetSigMask => "PTRACE_GETSIGMASK",
             Request::SetSigMask => "PTRACE_SETSIGMASK",
             Request::GetRseqConfiguration => "PTRACE_GET_RSEQ_CONFIGURATION",
+            Request::GetSiginfo => "PTRACE_GETSIGINFO",
+            Request::PeekSiginfo => "PTRACE_PEEKSIGINFO",
+            Request::SetXstate => "PTRACE_SETREGSET(NT_X86_XSTATE)",
         }
     }
 }
@@ -372,6 +386,77 @@ pub fn get_rseq_configuration(tid: Tid) -> Result<RawRseqConfiguration, PtraceEr
     // SAFETY: the struct was zero-initialised (a valid value for all-integer fields) and the kernel
     // only overwrote bytes within it.
     Ok(unsafe { conf.assume_init() })
+}
+
+/// `PTRACE_GETSIGINFO`: the raw siginfo of the signal a thread in signal-delivery-stop holds.
+pub fn get_siginfo(tid: Tid) -> Result<Vec<u8>, PtraceError> {
+    let mut buf = vec![0u8; SIGINFO_SIZE];
+    // SAFETY: GETSIGINFO writes one siginfo_t (128 bytes) to `data`, a buffer of that size.
+    unsafe {
+        ptrace_raw(
+            Request::GetSiginfo,
+            tid,
+            std::ptr::null_mut(),
+            buf.as_mut_ptr().cast(),
+        )
+    }?;
+    Ok(buf)
+}
+
+/// `PTRACE_PEEKSIGINFO`: every queued signal of the thread (`shared`: of the whole process),
+/// oldest first, each a raw 128-byte siginfo, without dequeuing anything.
+pub fn peek_siginfo(tid: Tid, shared: bool) -> Result<Vec<Vec<u8>>, PtraceError> {
+    #[repr(C)]
+    struct PeekArgs {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    const BATCH: usize = 32;
+    let mut out = Vec::new();
+    loop {
+        let mut args = PeekArgs {
+            off: out.len() as u64,
+            flags: if shared { PEEKSIGINFO_SHARED } else { 0 },
+            nr: BATCH as i32,
+        };
+        let mut buf = vec![0u8; SIGINFO_SIZE * BATCH];
+        // SAFETY: PEEKSIGINFO reads the args struct at `addr` and writes at most `nr` siginfos
+        // (128 bytes each) to `data`, a buffer of exactly that size; both outlive the call.
+        let n = unsafe {
+            ptrace_raw(
+                Request::PeekSiginfo,
+                tid,
+                (&mut args as *mut PeekArgs).cast(),
+                buf.as_mut_ptr().cast(),
+            )
+        }? as usize;
+        for chunk in buf.chunks(SIGINFO_SIZE).take(n) {
+            out.push(chunk.to_vec());
+        }
+        if n < BATCH {
+            return Ok(out);
+        }
+    }
+}
+
+/// `PTRACE_SETREGSET(NT_X86_XSTATE)`: loads a raw XSAVE area into a stopped thread.
+pub fn set_xstate(tid: Tid, bytes: &[u8]) -> Result<(), PtraceError> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    let addr = int_arg(NT_X86_XSTATE as usize);
+    // SAFETY: SETREGSET only reads iov_len bytes from iov_base (our slice, alive for the call).
+    unsafe {
+        ptrace_raw(
+            Request::SetXstate,
+            tid,
+            addr,
+            (&mut iov as *mut libc::iovec).cast(),
+        )
+    }
+    .map(drop)
 }
 
 /// `waitpid(which, __WALL | __WNOTHREAD | extra)`: `which` is -1 (any tracee of this OS thread) or

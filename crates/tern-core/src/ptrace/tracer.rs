@@ -91,6 +91,16 @@ pub struct RseqConfiguration {
     pub flags: u32,
 }
 
+/// One frozen thread's own signal state (see [`Tracer::signals`]).
+#[derive(Debug, Clone)]
+pub struct ThreadSignals {
+    pub tid: i32,
+    /// The thread's blocked mask before the engine touched it.
+    pub blocked: u64,
+    /// A signal it had dequeued when it stopped: its number and raw 128-byte siginfo.
+    pub held: Option<(i32, Vec<u8>)>,
+}
+
 /// One frozen thread's registers, as they were when it was frozen.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -186,10 +196,13 @@ enum Command {
     Thaw(Reply<Result<ThawReport, ThawError>>),
     Registers(Reply<Result<Vec<ThreadRegisters>, RegistersError>>),
     Syscall {
+        tid: Option<Tid>,
         nr: i64,
         args: [u64; 6],
         reply: Reply<Result<i64, RemoteSyscallError>>,
     },
+    Signals(Reply<Result<Vec<ThreadSignals>, RegistersError>>),
+    Run(Box<dyn FnOnce() + Send>),
     Panic(Reply<()>),
 }
 
@@ -217,6 +230,8 @@ impl std::fmt::Debug for Command {
             Command::Thaw(_) => "Thaw",
             Command::Registers(_) => "Registers",
             Command::Syscall { .. } => "Syscall",
+            Command::Signals(_) => "Signals",
+            Command::Run(_) => "Run",
             Command::Panic(_) => "Panic",
         })
     }
@@ -308,13 +323,55 @@ impl Tracer {
     /// Runs syscall `nr` inside the frozen target (its leader when possible); returns the raw
     /// kernel result, a negative errno on failure.
     pub fn syscall(&self, nr: i64, args: [u64; 6]) -> Result<i64, RemoteSyscallError> {
-        self.call(|reply| Command::Syscall { nr, args, reply })
-            .unwrap_or_else(|| {
-                Err(RemoteSyscallError::TracerGone {
-                    pid: self.pid,
-                    panic: self.panic_message(),
-                })
+        self.syscall_in(None, nr, args)
+    }
+
+    /// Runs syscall `nr` inside one chosen frozen thread (`None`: as [`Tracer::syscall`] picks).
+    /// Per-thread state (sigaltstack, PR_GET_TID_ADDRESS, rseq, ...) is only reachable this way.
+    pub fn syscall_in(
+        &self,
+        tid: Option<Tid>,
+        nr: i64,
+        args: [u64; 6],
+    ) -> Result<i64, RemoteSyscallError> {
+        self.call(|reply| Command::Syscall {
+            tid,
+            nr,
+            args,
+            reply,
+        })
+        .unwrap_or_else(|| {
+            Err(RemoteSyscallError::TracerGone {
+                pid: self.pid,
+                panic: self.panic_message(),
             })
+        })
+    }
+
+    /// Every frozen thread's signal state as the target itself had it: its real blocked mask
+    /// (not the all-blocked mask an injection thread runs with) and the siginfo of a signal it
+    /// had dequeued when it stopped (a parked signal-delivery-stop).
+    pub fn signals(&self) -> Result<Vec<ThreadSignals>, RegistersError> {
+        self.call(Command::Signals).unwrap_or_else(|| {
+            Err(RegistersError::TracerGone {
+                pid: self.pid,
+                panic: self.panic_message(),
+            })
+        })
+    }
+
+    /// Runs `f` on the tracer thread, the only thread allowed to issue ptrace requests to the
+    /// target's threads (e.g. PTRACE_PEEKSIGINFO). `None` if the tracer thread is gone.
+    pub fn on_tracer_thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let (reply, answer) = mpsc::channel();
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = reply.send(f());
+        });
+        self.commands.as_ref()?.send(Command::Run(job)).ok()?;
+        answer.recv().ok()
     }
 
     /// Reads target memory (`process_vm_readv`, falling back to `/proc/PID/mem`).
@@ -369,11 +426,30 @@ fn serve(pid: Pid, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>) {
             Command::Registers(reply) => state.guarded(reply, TracerState::registers, |panic| {
                 RegistersError::TracerGone { pid, panic }
             }),
-            Command::Syscall { nr, args, reply } => state.guarded(
+            Command::Syscall {
+                tid,
+                nr,
+                args,
                 reply,
-                |s| s.syscall(nr, args),
+            } => state.guarded(
+                reply,
+                |s| s.syscall(tid, nr, args),
                 |panic| RemoteSyscallError::TracerGone { pid, panic },
             ),
+            Command::Signals(reply) => state.guarded(reply, TracerState::signals, |panic| {
+                RegistersError::TracerGone { pid, panic }
+            }),
+            Command::Run(job) => {
+                let r: Reply<Result<(), FreezeError>> = mpsc::channel().0;
+                state.guarded(
+                    r,
+                    |_| {
+                        job();
+                        Ok(())
+                    },
+                    |panic| FreezeError::TracerGone { pid, panic },
+                )
+            }
             Command::Panic(reply) => {
                 let r: Reply<Result<(), FreezeError>> = mpsc::channel().0;
                 let alive = state.guarded(
@@ -768,14 +844,54 @@ impl TracerState {
             .map(|(&t, _)| t)
     }
 
-    fn syscall(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, RemoteSyscallError> {
+    fn signals(&mut self) -> Result<Vec<ThreadSignals>, RegistersError> {
+        let pid = self.pid;
+        if !self.frozen {
+            return Err(RegistersError::NotFrozen { pid });
+        }
+        let mut out = Vec::with_capacity(self.threads.len());
+        for (&tid, slot) in &self.threads {
+            let blocked = match slot.saved_sigmask {
+                Some(mask) => mask,
+                None => match ptrace::get_sigmask(tid) {
+                    Ok(m) => m,
+                    Err(e) if e.is_gone() => continue,
+                    Err(source) => return Err(RegistersError::Ptrace { pid, source }),
+                },
+            };
+            let held = if slot.held_signal != 0 {
+                ptrace::get_siginfo(tid)
+                    .ok()
+                    .map(|raw| (slot.held_signal, raw))
+            } else {
+                None
+            };
+            out.push(ThreadSignals {
+                tid: tid.as_raw(),
+                blocked,
+                held,
+            });
+        }
+        Ok(out)
+    }
+
+    fn syscall(
+        &mut self,
+        tid: Option<Tid>,
+        nr: i64,
+        args: [u64; 6],
+    ) -> Result<i64, RemoteSyscallError> {
         let pid = self.pid;
         if !self.frozen {
             return Err(RemoteSyscallError::NotFrozen { pid });
         }
-        let tid = self
-            .injection_thread()
-            .ok_or(RemoteSyscallError::NoThread { pid })?;
+        let tid = match tid {
+            Some(t) if self.threads.get(&t).is_some_and(|s| s.stopped && s.regs.is_some()) => t,
+            Some(_) => return Err(RemoteSyscallError::NoThread { pid }),
+            None => self
+                .injection_thread()
+                .ok_or(RemoteSyscallError::NoThread { pid })?,
+        };
         let site = self.site.address()?;
         let ptrace_err = |source| RemoteSyscallError::Ptrace { nr, tid, source };
         let slot = self

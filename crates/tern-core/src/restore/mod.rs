@@ -1,2 +1,222 @@
-//! (restore: tern-stub cloned with the original pid, address space rebuilt by remote syscalls —
-//! filled in by the dump/restore core)
+//! Restore: rebuild a process from its image and pages, with the same pid and tids.
+//!
+//! # The restore sequence (destination side)
+//!
+//! Everything below runs on one dedicated thread (it is the stub's parent and its tracer:
+//! ptrace belongs to the thread that attached). Any failure kills the half-built process (by
+//! pid, it is ours), reaps it and returns which step failed; nothing is left behind.
+//!
+//! ```text
+//!  checks      pid free (kill(pid, 0) → ESRCH); exe and every mapped file present with the
+//!              image's size and mtime (FileMissing / FileChanged); vdso/vvar layout and vdso
+//!              bytes (FNV-1a) identical to the source's (VdsoMismatch): nothing is cloned yet
+//!  clone       clone3(set_tid = [pid], SIGCHLD) → child: control socket at fd 3, every other fd
+//!              closed, execveat(memfd holding tern-stub, AT_EMPTY_PATH)
+//!              EEXIST → PidTaken (someone took the pid meanwhile)
+//!  handover    plan + fds over the control socket (see stub_protocol); the stub puts the fds in
+//!              place, sets cwd, umask, session, credentials, replies, then pause()s
+//!  seize       PTRACE_SEIZE (TRACESYSGOOD | TRACECLONE | EXITKILL) + PTRACE_INTERRUPT; all its
+//!              signals blocked (PTRACE_SETSIGMASK) while the engine works inside it
+//!  trampoline  mmap 16 KiB at an address free in both the stub's and the image's layout (run
+//!              with the stub's vdso `syscall`), write `syscall; int3` + scratch space; every
+//!              later remote syscall executes there
+//!  unmap       every stub mapping except the trampoline and vdso/vvar/vvar_vclock (vsyscall stays)
+//!  vdso        mremap vvar, vvar_vclock, vdso to the image's addresses (via a free spot first
+//!              if the ranges overlap)
+//!  mmap        every VMA at its exact address, MAP_FIXED_NOREPLACE; file VMAs from the file
+//!              reopened by path inside the process, identity re-checked on /proc/PID/fd/N;
+//!              VMAs that receive pages are mapped writable first
+//!  memory      page store → process_vm_writev in vectored batches (/proc/PID/mem for the rest);
+//!              zero markers need no write in anonymous memory, are written in file mappings
+//!  mprotect    final protections
+//!  mm          prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/arg/env fields, auxv and the
+//!              exe fd (the exe reopened, identity checked)
+//!  task        rt_sigaction ×62, personality, prctl (dumpable, pdeathsig, subreaper,
+//!              no_new_privs), rlimits with prlimit from outside
+//!  threads     clone3(set_tid = [tid], CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM) from the
+//!              trampoline for every other thread: PTRACE_O_TRACECLONE catches each one stopped
+//!              before its first instruction; in each thread: sigaltstack, set_robust_list,
+//!              set_tid_address, rseq(ptr, len, 0, sig), PR_SET_NAME, its pending signals
+//!              (rt_tgsigqueueinfo); the process-wide ones from the leader (rt_sigqueueinfo)
+//!  itimers     setitimer (late: a timer that fires now just stays pending)
+//!  finish      munmap the trampoline (from the leader, which never returns to it), then per
+//!              thread PTRACE_SETREGS (restart fix-up already in the image), SETREGSET(xstate),
+//!              SETSIGMASK(blocked), PTRACE_DETACH: the process runs
+//! ```
+//!
+//! The restored process is a child of the engine process (clone3 from the engine): its parent
+//! must reap it when it exits.
+
+mod rebuild;
+mod stub;
+
+/// The protocol between the engine and `tern-stub` (one shared source file, see its header).
+pub mod stub_protocol {
+    pub use tern_stub::protocol::*;
+}
+
+use crate::image::{FileIdentity, ProcessImage};
+use crate::pages::PageStore;
+use crate::sys::{Errno, Pid};
+use serde::Serialize;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+/// One descriptor the restored process must hold, recreated by the files work.
+#[derive(Debug)]
+pub struct StubFd {
+    /// Its number in the restored process.
+    pub target: i32,
+    /// The recreated open file (the engine's copy is closed once handed over).
+    pub fd: OwnedFd,
+    pub cloexec: bool,
+}
+
+/// How to restore.
+#[derive(Debug)]
+pub struct RestoreOptions {
+    /// The fds to install (the seam to `crate::files`: [`crate::files::recreate_fds`] turns
+    /// `image.fds` into these, see [`RestoreOptions::with_files`]).
+    pub fds: Vec<StubFd>,
+    /// Run by the stub once every fd is at its number (epoll registrations).
+    pub fixups: Vec<crate::files::FdFixup>,
+    /// How long the stub may take to answer the handover.
+    pub stub_timeout: Duration,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            fds: Vec::new(),
+            fixups: Vec::new(),
+            stub_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RestoreOptions {
+    /// Options that install what [`crate::files::recreate_fds`] built.
+    pub fn with_files(recreated: crate::files::RecreatedFds) -> RestoreOptions {
+        RestoreOptions {
+            fds: recreated
+                .fds
+                .into_iter()
+                .map(|f| StubFd {
+                    target: f.target_fd,
+                    fd: f.fd,
+                    cloexec: f.cloexec,
+                })
+                .collect(),
+            fixups: recreated.fixups,
+            ..RestoreOptions::default()
+        }
+    }
+}
+
+const _: () = assert!(crate::files::FIXUP_RECORD_LEN == stub_protocol::FIXUP_RECORD_LEN);
+
+/// Where the time went.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreTimings {
+    /// Checks, clone3, stub handover, seize.
+    pub clone_ns: u64,
+    /// Trampoline, unmap, vdso, mmap, page writes, mprotect, PR_SET_MM_MAP.
+    pub memory_ns: u64,
+    /// Task state, threads and their state, registers, detach.
+    pub threads_ns: u64,
+    pub total_ns: u64,
+}
+
+/// A process restore rebuilt and let run.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoredProcess {
+    pub pid: Pid,
+    /// Every thread, leader first.
+    pub threads: Vec<i32>,
+    pub timings: RestoreTimings,
+    /// Pages written from the store (data) and zero pages written into file mappings.
+    pub pages_written: u64,
+    pub bytes_written: u64,
+    /// Things restored differently from the image (e.g. a session that does not exist here).
+    pub warnings: Vec<String>,
+}
+
+/// Restore failed; the half-built process (if any) was killed and reaped.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("pid {pid} is already in use here")]
+    PidTaken { pid: i32 },
+    #[error("{path} is missing on this host: {source}")]
+    FileMissing {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} changed since the dump (size {} → {}, mtime {} → {})",
+        .expected.size, .found.size, .expected.mtime_ns, .found.mtime_ns)]
+    FileChanged {
+        path: String,
+        expected: FileIdentity,
+        found: FileIdentity,
+    },
+    #[error("the vdso here differs from the source's: {0}")]
+    VdsoMismatch(String),
+    #[error("cannot restore: {0}")]
+    Unsupported(String),
+    #[error("the stub failed while {step}: {errno}")]
+    Stub { step: String, errno: Errno },
+    #[error("recreating the fds: {0}")]
+    Files(#[from] crate::files::FilesRestoreError),
+    #[error("restore failed at {step}: {detail}")]
+    Failed { step: String, detail: String },
+}
+
+impl RestoreError {
+    pub(crate) fn at(step: impl Into<String>, detail: impl std::fmt::Display) -> RestoreError {
+        RestoreError::Failed {
+            step: step.into(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// Rebuilds `image` with its pid in the calling thread's pid namespace, memory from `pages`.
+pub fn restore(
+    image: &ProcessImage,
+    pages: &PageStore,
+    options: RestoreOptions,
+) -> Result<RestoredProcess, RestoreError> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name(format!("tern-restore-{}", image.source.ns_pid))
+            .spawn_scoped(scope, move || rebuild::run(image, pages, options))
+            .map_err(|e| RestoreError::at("spawning the restore thread", e))?
+            .join()
+            .unwrap_or_else(|panic| {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(RestoreError::at("the restore thread", format!("panicked: {msg}")))
+            })
+    })
+}
+
+/// The whole destination side: recreate the image's fds here ([`crate::files::recreate_fds`]),
+/// then [`restore`] with them.
+pub fn restore_with_files(
+    image: &ProcessImage,
+    pages: &PageStore,
+    files: &crate::files::RecreateOptions,
+) -> Result<RestoredProcess, RestoreError> {
+    let recreated = crate::files::recreate_fds(&image.fds, files)?;
+    restore(image, pages, RestoreOptions::with_files(recreated))
+}
+
+/// Checks what restore checks before cloning anything (pid free, files, vdso): `migrate check`
+/// on the destination.
+pub fn check(image: &ProcessImage) -> Result<(), RestoreError> {
+    rebuild::precheck(image)
+}

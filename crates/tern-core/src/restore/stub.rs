@@ -1,0 +1,374 @@
+//! Starting the stub: memfd with the embedded ELF, clone3 with set_tid, the plan and the fds.
+use super::stub_protocol::{
+    FdBatch, FdSlot, Plan, Pod, Reply, Step, CONTROL_FD, FIXUP_RECORD_LEN, MAGIC, MAX_BATCH,
+    MAX_FIXUPS_PER_MSG, MAX_GROUPS,
+    PLAN_CHROOT, PLAN_CREDS, PLAN_SETPGID, PLAN_SETSID,
+};
+use super::{RestoreError, StubFd};
+use crate::image::ProcessImage;
+use crate::sys::{Errno, Pid};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// `struct clone_args` (CLONE_ARGS_SIZE_VER2 = 88 bytes).
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+pub(crate) struct CloneArgs {
+    pub flags: u64,
+    pub pidfd: u64,
+    pub child_tid: u64,
+    pub parent_tid: u64,
+    pub exit_signal: u64,
+    pub stack: u64,
+    pub stack_size: u64,
+    pub tls: u64,
+    pub set_tid: u64,
+    pub set_tid_size: u64,
+    pub cgroup: u64,
+}
+
+impl CloneArgs {
+    pub fn to_bytes(self) -> [u8; 88] {
+        let words = [
+            self.flags,
+            self.pidfd,
+            self.child_tid,
+            self.parent_tid,
+            self.exit_signal,
+            self.stack,
+            self.stack_size,
+            self.tls,
+            self.set_tid,
+            self.set_tid_size,
+            self.cgroup,
+        ];
+        let mut out = [0u8; 88];
+        for (i, w) in words.iter().enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+}
+
+fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: `fd` was just returned by the kernel and nobody else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// The stub ELF in a memfd, made once per engine process.
+fn stub_memfd() -> Result<RawFd, RestoreError> {
+    static MEMFD: OnceLock<Result<OwnedFd, Errno>> = OnceLock::new();
+    let fd = MEMFD.get_or_init(|| {
+        let name = c"tern-stub";
+        // SAFETY: memfd_create reads the NUL-terminated name; flags are constants.
+        let fd = Errno::result(unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        })?;
+        let fd = owned(fd);
+        let elf = tern_stub::ELF;
+        let mut off = 0;
+        while off < elf.len() {
+            // SAFETY: writes from a valid slice of the embedded ELF.
+            let n = unsafe {
+                libc::write(fd.as_raw_fd(), elf[off..].as_ptr().cast(), elf.len() - off)
+            };
+            off += Errno::result(n)? as usize;
+        }
+        let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        // SAFETY: fcntl with integer arguments.
+        Errno::result(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+        Ok(fd)
+    });
+    match fd {
+        Ok(fd) => Ok(fd.as_raw_fd()),
+        Err(errno) => Err(RestoreError::Failed {
+            step: "creating the stub memfd".into(),
+            detail: errno.to_string(),
+        }),
+    }
+}
+
+/// The plan for the stub, from the image and what this engine itself is.
+pub(crate) fn make_plan(
+    image: &ProcessImage,
+    nfds: usize,
+    max_target: i32,
+    nfixups: usize,
+    warnings: &mut Vec<String>,
+) -> Result<Plan, RestoreError> {
+    let t = &image.task;
+    let pid = image.source.ns_pid;
+    let mut plan = Plan::new();
+    plan.umask = t.umask;
+    plan.nfds = nfds as u32;
+    plan.max_target = max_target;
+    plan.nfixups = nfixups as u32;
+    // Session and process group: what can be rebuilt from here.
+    // SAFETY: getsid/getpgid(0) take integers only.
+    let (my_sid, my_pgid) = unsafe { (libc::getsid(0), libc::getpgid(0)) };
+    if t.sid == pid {
+        plan.flags |= PLAN_SETSID;
+        if t.pgid != pid {
+            warnings.push(format!("process group {} could not be restored (now {pid})", t.pgid));
+        }
+    } else {
+        if t.pgid == pid {
+            plan.flags |= PLAN_SETPGID;
+        } else if t.pgid != my_pgid {
+            warnings.push(format!(
+                "process group {} is not available here; the process joins {my_pgid}",
+                t.pgid
+            ));
+        }
+        if t.sid != my_sid {
+            warnings.push(format!(
+                "session {} is not available here; the process joins session {my_sid}",
+                t.sid
+            ));
+        }
+    }
+    // Credentials: only when they differ from ours (the stub starts with ours).
+    let mine = crate::proc::status::read_status(Pid::this()).map_err(|e| RestoreError::Failed {
+        step: "reading the engine's own credentials".into(),
+        detail: e.to_string(),
+    })?;
+    let c = &t.creds;
+    let same = mine.uid.real == c.uid.real
+        && mine.uid.effective == c.uid.effective
+        && mine.uid.saved == c.uid.saved
+        && mine.uid.fs == c.uid.fs
+        && mine.gid.real == c.gid.real
+        && mine.gid.effective == c.gid.effective
+        && mine.gid.saved == c.gid.saved
+        && mine.gid.fs == c.gid.fs
+        && mine.groups == c.groups
+        && mine.cap_eff == c.cap_eff
+        && mine.cap_prm == c.cap_prm
+        && mine.cap_inh == c.cap_inh
+        && mine.cap_bnd == c.cap_bnd
+        && mine.cap_amb == c.cap_amb;
+    if !same {
+        if c.groups.len() > MAX_GROUPS {
+            return Err(RestoreError::Unsupported(format!(
+                "{} supplementary groups (the stub takes {MAX_GROUPS})",
+                c.groups.len()
+            )));
+        }
+        plan.flags |= PLAN_CREDS;
+        plan.uids = [c.uid.real, c.uid.effective, c.uid.saved, c.uid.fs];
+        plan.gids = [c.gid.real, c.gid.effective, c.gid.saved, c.gid.fs];
+        plan.ngroups = c.groups.len() as u32;
+        plan.groups[..c.groups.len()].copy_from_slice(&c.groups);
+        plan.cap_inh = c.cap_inh;
+        plan.cap_prm = c.cap_prm;
+        plan.cap_eff = c.cap_eff;
+        plan.cap_bnd = c.cap_bnd;
+        plan.cap_amb = c.cap_amb;
+    }
+    if t.root != "/" {
+        plan.flags |= PLAN_CHROOT;
+        if !Plan::set_path(&mut plan.root, t.root.as_bytes()) {
+            return Err(RestoreError::Unsupported(format!("root path too long: {}", t.root)));
+        }
+    }
+    if !Plan::set_path(&mut plan.cwd, t.cwd.as_bytes()) {
+        return Err(RestoreError::Unsupported(format!("cwd path too long: {}", t.cwd)));
+    }
+    Ok(plan)
+}
+
+/// A started stub: its pid and the engine's end of the control socket.
+pub(crate) struct Started {
+    pub pid: Pid,
+    pub control: OwnedFd,
+}
+
+/// clone3(set_tid = [pid]) + execveat(stub memfd). Must run on the thread that will trace it.
+pub(crate) fn clone_stub(pid: i32) -> Result<Started, RestoreError> {
+    let memfd = stub_memfd()?;
+    let mut pair = [0i32; 2];
+    // SAFETY: socketpair writes two fds into `pair`.
+    Errno::result(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    })
+    .map_err(|errno| RestoreError::Failed {
+        step: "socketpair for the stub".into(),
+        detail: errno.to_string(),
+    })?;
+    let control = owned(pair[0]);
+    let child_end = owned(pair[1]);
+    let set_tid = [pid];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: set_tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    let argv0 = c"tern-stub";
+    let argv: [*const libc::c_char; 2] = [argv0.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let empty = c"";
+    let child_sock = child_end.as_raw_fd();
+    // SAFETY: clone3 reads `args` (and the set_tid array), both alive. In the child (a copy of
+    // this multi-threaded process) only raw async-signal-safe syscalls run before execveat or
+    // _exit, touching nothing but prepared locals.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: child side, see above.
+        unsafe {
+            let m = libc::syscall(libc::SYS_fcntl, memfd, libc::F_DUPFD_CLOEXEC, 10) as i64;
+            if child_sock == CONTROL_FD {
+                libc::syscall(libc::SYS_fcntl, CONTROL_FD, libc::F_SETFD, 0);
+            } else {
+                libc::syscall(libc::SYS_dup2, child_sock, CONTROL_FD);
+            }
+            libc::syscall(libc::SYS_close_range, 0, 2, 0);
+            libc::syscall(libc::SYS_close_range, 4, m - 1, 0);
+            libc::syscall(libc::SYS_close_range, m + 1, u32::MAX, 0);
+            libc::syscall(
+                libc::SYS_execveat,
+                m,
+                empty.as_ptr(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+            libc::syscall(libc::SYS_exit_group, 127);
+        }
+        unreachable!("exit_group returned");
+    }
+    if ret < 0 {
+        let errno = Errno::last();
+        return Err(if errno == Errno(libc::EEXIST) {
+            RestoreError::PidTaken { pid }
+        } else {
+            RestoreError::Failed {
+                step: format!("clone3(set_tid={pid})"),
+                detail: errno.to_string(),
+            }
+        });
+    }
+    drop(child_end);
+    Ok(Started {
+        pid: Pid::from_raw(ret as i32),
+        control,
+    })
+}
+
+fn send(control: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), Errno> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    let mut cbuf = vec![0u64; (16 + 4 * MAX_BATCH) / 8 + 2];
+    // SAFETY: msghdr is plain data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        // SAFETY: CMSG_SPACE/LEN are pure arithmetic.
+        let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg_control points at cbuf, large enough for one cmsg of `fds.len()` ints.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
+        }
+    }
+    // SAFETY: msg points at valid iovec/control buffers for the call.
+    let n = unsafe { libc::sendmsg(control.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    Errno::result(n).map(drop)
+}
+
+/// Sends the plan and every fd, then waits for the stub's reply.
+pub(crate) fn hand_over(
+    control: &OwnedFd,
+    plan: &Plan,
+    fds: &[StubFd],
+    fixups: &[crate::files::FdFixup],
+    timeout: Duration,
+) -> Result<(), RestoreError> {
+    let fail = |what: &str, errno: Errno| RestoreError::Failed {
+        step: format!("stub handover: {what}"),
+        detail: errno.to_string(),
+    };
+    send(control, plan.as_bytes(), &[]).map_err(|e| fail("sending the plan", e))?;
+    for chunk in fds.chunks(MAX_BATCH) {
+        let mut msg = FdBatch {
+            magic: MAGIC,
+            count: chunk.len() as u32,
+        }
+        .as_bytes()
+        .to_vec();
+        for f in chunk {
+            msg.extend_from_slice(
+                FdSlot {
+                    target: f.target,
+                    fd_flags: if f.cloexec { libc::FD_CLOEXEC as u32 } else { 0 },
+                }
+                .as_bytes(),
+            );
+        }
+        let raw: Vec<RawFd> = chunk.iter().map(|f| f.fd.as_raw_fd()).collect();
+        send(control, &msg, &raw).map_err(|e| fail("sending fds", e))?;
+    }
+    let encoded = crate::files::encode_fixups(fixups);
+    for chunk in encoded.chunks(FIXUP_RECORD_LEN * MAX_FIXUPS_PER_MSG) {
+        send(control, chunk, &[]).map_err(|e| fail("sending fixups", e))?;
+    }
+    let mut pfd = libc::pollfd {
+        fd: control.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    if r == 0 {
+        return Err(RestoreError::Failed {
+            step: "stub handover".into(),
+            detail: format!("no reply from the stub within {timeout:?}"),
+        });
+    }
+    let mut buf = [0u8; 64];
+    // SAFETY: recv into a local buffer.
+    let n = unsafe { libc::recv(control.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = Errno::result(n).map_err(|e| fail("reading the reply", e))? as usize;
+    let reply = Reply::read_from(&buf[..n]).ok_or_else(|| RestoreError::Failed {
+        step: "stub handover".into(),
+        detail: "the stub exited without replying".into(),
+    })?;
+    if reply.magic != MAGIC {
+        return Err(RestoreError::Failed {
+            step: "stub handover".into(),
+            detail: "bad reply magic".into(),
+        });
+    }
+    if reply.status != 0 {
+        let step = Step::from_u32(reply.step);
+        let mut step_name = step.map(Step::name).unwrap_or("unknown step").to_owned();
+        if step == Some(Step::Fixups) {
+            step_name = format!("{step_name}, record {}", reply.index);
+        }
+        return Err(RestoreError::Stub {
+            step: step_name,
+            errno: Errno(-reply.status),
+        });
+    }
+    Ok(())
+}
