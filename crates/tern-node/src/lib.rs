@@ -64,10 +64,26 @@ fn check_inventory(inventory: proc::ProcessInventory) -> check::CheckReport {
     check::check(&inventory)
 }
 
+/// Node reaps the children it spawned with waitpid(pid) from its main thread; for a child that
+/// our tracer thread traces, that wait would also consume its ptrace stops (any thread of the
+/// tracer's process may collect them) and the tracer would wait forever. So a process Node
+/// spawned directly is refused; one started in its own session by a helper (setsid, a lab host,
+/// systemd) is fine.
+fn refuse_node_child(pid: Pid) -> Result<(), Error> {
+    let stat = tern_core::proc::stat::read_stat(pid).map_err(engine_err)?;
+    if stat.ppid == std::process::id() as i32 {
+        return Err(Error::from(format!(
+            "pid {pid} is a child of this Node process: its ptrace stops would be taken by Node's child reaping; start it from another process"
+        )));
+    }
+    Ok(())
+}
+
 /// Starts the dedicated tracer thread for a target; attaches nothing yet.
 #[neon::export]
 fn tracer_open(pid: f64) -> Result<Boxed<TracerHandle>, Error> {
     let pid = to_pid(pid)?;
+    refuse_node_child(pid)?;
     let tracer = Tracer::new(pid).map_err(|e| Error::from(e.to_string()))?;
     Ok(Boxed(TracerHandle(Arc::new(tracer))))
 }
@@ -141,4 +157,188 @@ fn tracer_write_memory(Boxed(handle): Boxed<TracerHandle>, addr: f64, Buffer(dat
 fn main(mut cx: ModuleContext) -> NeonResult<()> {
     neon::registered().export(&mut cx)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Migration roles (see packages/native/src/migration.ts for the sequence across hosts)
+// ---------------------------------------------------------------------------------------------
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::Duration;
+use tern_core::dump::SourceSession;
+use tern_core::pages::{Expected, MigrationId, PageSender, PageServer, PageStore, SenderOptions, Token};
+
+/// The destination's page server and, once a stream has completed, the pages it received.
+struct PageServerState {
+    server: PageServer,
+    store: Mutex<Option<PageStore>>,
+}
+
+#[derive(Clone)]
+struct PageServerHandle(Arc<PageServerState>);
+
+impl Finalize for PageServerHandle {}
+
+/// The source side of one migration: the frozen original (until commit or abort), its freeze
+/// report and the statistics of the last dump.
+struct SourceState {
+    session: Mutex<Option<SourceSession>>,
+    freeze: tern_core::ptrace::FreezeReport,
+    last_dump: Mutex<Option<DumpOutcome>>,
+}
+
+#[derive(Clone)]
+struct SourceHandle(Arc<SourceState>);
+
+impl Finalize for SourceHandle {}
+
+fn engine_err(e: impl std::fmt::Display) -> Error {
+    Error::from(e.to_string())
+}
+
+fn socket_addr(address: &str, port: f64) -> Result<SocketAddr, Error> {
+    let ip: IpAddr = address.parse().map_err(|_| Error::from(format!("{address} is not an IP address")))?;
+    if port.fract() != 0.0 || !(0.0..=65535.0).contains(&port) {
+        return Err(Error::from(format!("{port} is not a TCP port")));
+    }
+    Ok(SocketAddr::new(ip, port as u16))
+}
+
+/// Binds the destination's page server for one migration (port 0: any free port).
+#[neon::export]
+fn page_server_start(address: String, port: f64, migration_id: String, token: String) -> Result<Boxed<PageServerHandle>, Error> {
+    let expected = Expected {
+        migration_id: MigrationId::from_hex(&migration_id).map_err(engine_err)?,
+        token: Token::from_hex(&token).map_err(engine_err)?,
+    };
+    let server = PageServer::bind(socket_addr(&address, port)?, expected).map_err(engine_err)?;
+    Ok(Boxed(PageServerHandle(Arc::new(PageServerState { server, store: Mutex::new(None) }))))
+}
+
+#[neon::export]
+fn page_server_port(Boxed(handle): Boxed<PageServerHandle>) -> f64 {
+    f64::from(handle.0.server.port())
+}
+
+/// Waits until a complete, valid stream has arrived and keeps its pages for restore.
+#[neon::export(task)]
+fn page_server_wait(Boxed(handle): Boxed<PageServerHandle>, timeout_ms: f64) -> Result<Json<tern_core::pages::TransferStats>, Error> {
+    let (store, stats) = handle.0.server.wait(Duration::from_millis(timeout_ms.max(0.0) as u64)).map_err(engine_err)?;
+    let mut slot = handle.0.store.lock().map_err(|_| Error::from("page store lock poisoned"))?;
+    match slot.as_mut() {
+        Some(existing) => existing.merge_from(store),
+        None => *slot = Some(store),
+    }
+    Ok(Json(stats))
+}
+
+/// Stops the server and drops every page it holds (commit done, or abort).
+#[neon::export]
+fn page_server_close(Boxed(handle): Boxed<PageServerHandle>) {
+    handle.0.server.shutdown();
+    if let Ok(mut slot) = handle.0.store.lock() {
+        slot.take();
+    }
+}
+
+/// Freezes every thread of the source process (the downtime starts here).
+#[neon::export(task)]
+fn source_freeze(pid: f64) -> Result<Boxed<SourceHandle>, Error> {
+    let pid = to_pid(pid)?;
+    refuse_node_child(pid)?;
+    let session = SourceSession::freeze(pid).map_err(engine_err)?;
+    let freeze = session.freeze_report().clone();
+    Ok(Boxed(SourceHandle(Arc::new(SourceState {
+        session: Mutex::new(Some(session)),
+        freeze,
+        last_dump: Mutex::new(None),
+    }))))
+}
+
+#[neon::export]
+fn source_freeze_report(Boxed(handle): Boxed<SourceHandle>) -> Json<tern_core::ptrace::FreezeReport> {
+    Json(handle.0.freeze.clone())
+}
+
+/// Statistics of the last successful dump of this session (null before one).
+#[neon::export]
+fn source_dump_stats(Boxed(handle): Boxed<SourceHandle>) -> Result<Json<Option<DumpOutcome>>, Error> {
+    let last = handle.0.last_dump.lock().map_err(|_| Error::from("source session lock poisoned"))?;
+    Ok(Json(last.clone()))
+}
+
+#[derive(Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DumpOutcome {
+    dump: tern_core::dump::DumpStats,
+    transfer: tern_core::pages::TransferStats,
+}
+
+/// Dumps the frozen process, streaming its pages to the destination's page server; resolves to
+/// the image (msgpack) and the statistics. On failure the process stays frozen: abort or retry.
+#[neon::export(task)]
+fn source_dump(
+    Boxed(handle): Boxed<SourceHandle>,
+    address: String,
+    port: f64,
+    migration_id: String,
+    token: String,
+    bandwidth_bytes_per_sec: f64,
+) -> Result<Buffer<Vec<u8>>, Error> {
+    let guard = handle.0.session.lock().map_err(|_| Error::from("source session lock poisoned"))?;
+    let session = guard.as_ref().ok_or_else(|| Error::from("the source session is already committed or aborted"))?;
+    let options = SenderOptions {
+        bandwidth_limit_bytes_per_sec: (bandwidth_bytes_per_sec > 0.0).then_some(bandwidth_bytes_per_sec as u64),
+        ..SenderOptions::default()
+    };
+    let mut sender = PageSender::connect(
+        socket_addr(&address, port)?,
+        MigrationId::from_hex(&migration_id).map_err(engine_err)?,
+        Token::from_hex(&token).map_err(engine_err)?,
+        options,
+    )
+    .map_err(engine_err)?;
+    let (image, dump) = session.dump(&mut sender).map_err(engine_err)?;
+    let transfer = sender.finish().map_err(engine_err)?;
+    let bytes = image.to_msgpack().map_err(engine_err)?;
+    *handle.0.last_dump.lock().map_err(|_| Error::from("source session lock poisoned"))? = Some(DumpOutcome { dump, transfer });
+    Ok(Buffer(bytes))
+}
+
+/// Kills the frozen original: the destination has the process (the commit point has passed).
+#[neon::export(task)]
+fn source_commit(Boxed(handle): Boxed<SourceHandle>) -> Result<(), Error> {
+    let session = handle.0.session.lock().map_err(|_| Error::from("source session lock poisoned"))?.take();
+    match session {
+        Some(session) => session.commit().map_err(engine_err),
+        None => Err(Error::from("the source session is already committed or aborted")),
+    }
+}
+
+/// Thaws the original exactly as it was. Idempotent: a finished session is left alone.
+#[neon::export(task)]
+fn source_abort(Boxed(handle): Boxed<SourceHandle>) -> Result<(), Error> {
+    let session = handle.0.session.lock().map_err(|_| Error::from("source session lock poisoned"))?.take();
+    if let Some(session) = session {
+        session.abort().map_err(engine_err)?;
+    }
+    Ok(())
+}
+
+/// Rebuilds the process described by `image` from the pages the server received, with the same
+/// pid in this process's pid namespace, and lets it run.
+#[neon::export(task)]
+fn restore_process(
+    Buffer(image): Buffer<Vec<u8>>,
+    Boxed(server): Boxed<PageServerHandle>,
+    check_inode: bool,
+) -> Result<Json<tern_core::restore::RestoredProcess>, Error> {
+    let image = tern_core::image::ProcessImage::from_msgpack(&image).map_err(engine_err)?;
+    let slot = server.0.store.lock().map_err(|_| Error::from("page store lock poisoned"))?;
+    let store = slot.as_ref().ok_or_else(|| Error::from("no complete page stream has arrived for this migration"))?;
+    let options = tern_core::files::RecreateOptions { check_inode };
+    let restored = tern_core::restore::restore_with_files(&image, store, &options).map_err(engine_err)?;
+    tern_core::restore::reap_when_exited(restored.pid);
+    Ok(Json(restored))
 }

@@ -220,3 +220,24 @@ pub fn restore_with_files(
 pub fn check(image: &ProcessImage) -> Result<(), RestoreError> {
     rebuild::precheck(image)
 }
+
+/// A restored process is a child of the engine (it was cloned from it). The engine's host
+/// (Node's libuv only reaps children it spawned itself) would leave it a zombie when it exits:
+/// this parks one thread in waitpid for it, which returns when the process exits.
+pub fn reap_when_exited(pid: Pid) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("tern-reap-{pid}"))
+        .spawn(move || {
+            let mut status = 0;
+            loop {
+                // SAFETY: waitpid writes one int into `status`, a live local.
+                let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::__WALL) };
+                if r == pid.as_raw() || Errno::last().0 != libc::EINTR {
+                    break;
+                }
+            }
+        });
+    // Without the thread the process would still run and be reaped by our own parent's exit;
+    // nothing to undo.
+    drop(spawned);
+}
