@@ -66,12 +66,12 @@ fn check_inventory(inventory: proc::ProcessInventory) -> check::CheckReport {
 
 /// Node reaps the children it spawned with waitpid(pid) from its main thread; for a child that
 /// our tracer thread traces, that wait would also consume its ptrace stops (any thread of the
-/// tracer's process may collect them) and the tracer would wait forever. So a process Node
-/// spawned directly is refused; one started in its own session by a helper (setsid, a lab host,
-/// systemd) is fine.
+/// tracer's process may collect them) and the tracer would wait forever. So a child of this
+/// process is refused unless the engine restored it itself (its reaper never steals stops);
+/// a process started in its own session by a helper (setsid, a lab host, systemd) is fine.
 fn refuse_node_child(pid: Pid) -> Result<(), Error> {
     let stat = tern_core::proc::stat::read_stat(pid).map_err(engine_err)?;
-    if stat.ppid == std::process::id() as i32 {
+    if stat.ppid == std::process::id() as i32 && !tern_core::restore::is_restored_child(pid) {
         return Err(Error::from(format!(
             "pid {pid} is a child of this Node process: its ptrace stops would be taken by Node's child reaping; start it from another process"
         )));

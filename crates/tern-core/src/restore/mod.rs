@@ -221,23 +221,50 @@ pub fn check(image: &ProcessImage) -> Result<(), RestoreError> {
     rebuild::precheck(image)
 }
 
-/// A restored process is a child of the engine (it was cloned from it). The engine's host
-/// (Node's libuv only reaps children it spawned itself) would leave it a zombie when it exits:
-/// this parks one thread in waitpid for it, which returns when the process exits.
+/// Pids of processes this engine restored and still parents (see [`reap_when_exited`]).
+static RESTORED_CHILDREN: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// True when `pid` is a process this engine restored (and so its parent) that has not exited.
+pub fn is_restored_child(pid: Pid) -> bool {
+    RESTORED_CHILDREN.lock().map(|v| v.contains(&pid.as_raw())).unwrap_or(false)
+}
+
+/// A restored process is a child of the engine (it was cloned from it). The engine's host (Node's
+/// libuv reaps only the children it spawned itself) would leave it a zombie when it exits, so one
+/// thread waits for its exit and reaps it.
+///
+/// It must never call a plain blocking waitpid: while any thread of this process traces the
+/// child (a later migration away from here), such a wait would also collect its ptrace stops and
+/// the tracer would wait forever. So it polls a pidfd, which becomes readable only when the
+/// process has exited, and only then reaps it with waitid(P_PIDFD, WEXITED).
 pub fn reap_when_exited(pid: Pid) {
-    let spawned = std::thread::Builder::new()
-        .name(format!("tern-reap-{pid}"))
-        .spawn(move || {
-            let mut status = 0;
-            loop {
-                // SAFETY: waitpid writes one int into `status`, a live local.
-                let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::__WALL) };
-                if r == pid.as_raw() || Errno::last().0 != libc::EINTR {
-                    break;
-                }
+    let pidfd = match crate::pidfd::PidFd::open(pid) {
+        Ok(fd) => fd,
+        // Already gone: nothing to reap from here (or it was reaped by someone else).
+        Err(_) => return,
+    };
+    if let Ok(mut v) = RESTORED_CHILDREN.lock() {
+        v.push(pid.as_raw());
+    }
+    let spawned = std::thread::Builder::new().name(format!("tern-reap-{pid}")).spawn(move || {
+        use std::os::fd::AsRawFd;
+        let mut poll = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        loop {
+            // SAFETY: one valid pollfd, count 1, no timeout.
+            let r = unsafe { libc::poll(&mut poll, 1, -1) };
+            if r == 1 || (r < 0 && Errno::last().0 != libc::EINTR) {
+                break;
             }
-        });
-    // Without the thread the process would still run and be reaped by our own parent's exit;
-    // nothing to undo.
+        }
+        // SAFETY: siginfo_t is plain data the kernel fills; zeroed is a valid initial value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // P_PIDFD (3): the pidfd names exactly this process, whatever happens to the pid.
+        // SAFETY: `info` is a live siginfo_t the kernel writes into.
+        let _ = unsafe { libc::waitid(3, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::__WALL) };
+        if let Ok(mut v) = RESTORED_CHILDREN.lock() {
+            v.retain(|p| *p != pid.as_raw());
+        }
+    });
+    // Without the thread the process still runs; it is reaped when the engine's process exits.
     drop(spawned);
 }
