@@ -13,7 +13,7 @@
 // Usage: node scripts/bootstrap.mjs setup|build|test|demo|bench [args passed on to the command]
 
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, openSync, closeSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, openSync, closeSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -32,6 +32,7 @@ const DEBIAN_PACKAGES = [
   'redis-server',
   'redis-tools', // redis-cli, redis-benchmark
   'memcached',
+  'prometheus', // promtool and a real Prometheus for the metrics tests (test/control/prometheus.test.ts)
 ];
 
 function log(msg) {
@@ -75,11 +76,26 @@ function mtime(path) {
   }
 }
 
+/** True if PREFIX/include/node has the headers of exactly this Node version. */
+function nodeHeadersMatch(prefix) {
+  try {
+    const h = readFileSync(join(prefix, 'include', 'node', 'node_version.h'), 'utf8');
+    const v = ['MAJOR', 'MINOR', 'PATCH'].map((k) => new RegExp(`#define NODE_${k}_VERSION (\\d+)`).exec(h)?.[1]);
+    return `v${v.join('.')}` === process.version;
+  } catch {
+    return false;
+  }
+}
+
 function ensureNodeModules() {
   const marker = join(root, 'node_modules', '.package-lock.json');
   if (mtime(marker) >= mtime(join(root, 'package-lock.json')) && existsSync(marker)) return;
   log('installing npm dependencies (npm ci)');
-  run('npm', ['ci', '--no-audit', '--no-fund']);
+  // better-sqlite3 builds from source (its prebuilt binaries are not reachable here): point node-gyp
+  // at the headers of the Node we run when they are installed, instead of downloading them.
+  const env = { ...process.env };
+  if (!env.npm_config_nodedir && nodeHeadersMatch('/usr')) env.npm_config_nodedir = '/usr';
+  run('npm', ['ci', '--no-audit', '--no-fund'], { env });
 }
 
 function buildRust() {
@@ -109,6 +125,9 @@ function buildWorkloads() {
 function buildTypeScript() {
   log('building TypeScript (tsc -b)');
   run(join(root, 'node_modules', '.bin', 'tsc'), ['-b']);
+  // The workspace bins (migrate, tern-agent, tern-coordinator) point into dist/, which `npm ci` did
+  // not have yet: link them now and make them executable (no install script runs again).
+  run('npm', ['rebuild', '--ignore-scripts', '--no-audit', '--no-fund'], { stdio: ['ignore', 'ignore', 'inherit'] });
 }
 
 function setup() {

@@ -1,45 +1,134 @@
 /**
  * The agent's HTTP control API (one agent per host, running as root). app.ts builds the fastify
  * instance; server.ts listens. Every route has a JSON schema; every request but /healthz needs the
- * cluster token. The agent drives the engine only through @tern/native.
+ * cluster token. The agent drives the engine only through @tern/native (see engine.ts for the exact
+ * calls of the migration roles).
+ *
+ *   GET  /healthz                          liveness, no token
+ *   GET  /metrics                          Prometheus
+ *   GET  /v1/kernel                        what this kernel offers
+ *   POST /v1/check                         inventory + movability verdict of a pid
+ *   POST /v1/migrations/:id/prepare        destination: readiness, then a page server
+ *   POST /v1/migrations/:id/source         source: open, freeze, dump to the destination's page server
+ *   POST /v1/migrations/:id/restore        destination: rebuild the process from the image
+ *   POST /v1/migrations/:id/commit         source: kill the original; destination: close the page server
+ *   POST /v1/migrations/:id/abort          before commit: put everything back
+ *   GET  /v1/migrations/:id                this agent's side of a migration
  */
+import { randomBytes, randomUUID } from 'node:crypto';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { checkProcess, EngineError, probeKernel } from '@tern/native';
-import { createMetrics, type EngineMetrics } from '@tern/metrics';
-import { checkRequestSchema, errorSchema } from '@tern/protocol';
+import { createAgentMetrics, type AgentMetrics } from '@tern/metrics';
+import {
+  agentMigrationStatusSchema,
+  checkRequestSchema,
+  errorSchema,
+  migrationIdParamsSchema,
+  prepareRequestSchema,
+  prepareResponseSchema,
+  restoreRequestSchema,
+  sourceRequestSchema,
+  type PrepareRequest,
+  type PrepareResponse,
+  type RestoreRequest,
+  type SourceRequest,
+  type SourceResponse,
+} from '@tern/protocol';
 import { bearerAuth } from './auth.js';
 import type { AgentConfig } from './config.js';
+import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine } from './engine.js';
+import { destinationBlockers } from './readiness.js';
+import { AgentSession, SessionTable } from './sessions.js';
 
 export interface AgentApp {
   app: FastifyInstance;
-  metrics: EngineMetrics;
+  metrics: AgentMetrics;
+  sessions: SessionTable;
 }
 
-export function buildAgentApp(config: AgentConfig, opts: { logger?: boolean } = {}): AgentApp {
+export interface AgentAppOptions {
+  logger?: boolean;
+  /** The engine's migration roles; defaults to @tern/native's. */
+  engine?: MigrationEngine;
+}
+
+/** An error with the HTTP status and machine code it is answered with. */
+export class HttpError extends Error {
+  constructor(
+    readonly statusCode: number,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+const notFound = (id: string) => new HttpError(404, 'not-found', `no migration ${id} on this agent`);
+
+type IdParams = { Params: { id: string } };
+
+const errorResponses = { 400: errorSchema, 401: errorSchema, 404: errorSchema, 409: errorSchema, 422: errorSchema, 500: errorSchema, 501: errorSchema };
+
+export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): AgentApp {
   const app = Fastify({
     logger: opts.logger ?? false,
+    // The image travels base64 in JSON: allow large bodies (pages never do, they stream engine to engine).
+    bodyLimit: 512 * 1024 * 1024,
     ajv: { customOptions: { allErrors: false, removeAdditional: false, coerceTypes: false } },
   });
-  const metrics = createMetrics({ prefix: 'tern_agent_' });
+  const metrics = createAgentMetrics();
+  const sessions = new SessionTable();
+  const engine = opts.engine ?? nativeMigrationEngine();
+  // With the default engine, a build without the migration glue is refused before anything is touched.
+  const missing = () => (opts.engine ? [] : missingNativeFunctions());
 
   app.addHook('onRequest', bearerAuth(config.clusterToken, new Set(['/healthz'])));
+  app.addHook('onResponse', async (request, reply) => {
+    if (reply.statusCode >= 400) {
+      metrics.requestErrorsTotal.inc({ route: request.routeOptions.url ?? 'unknown', code: String(reply.statusCode) });
+    }
+  });
 
   // Schema errors name the offending field: "body/pid must be integer".
-  app.setErrorHandler(async (err: Error & { validation?: unknown; statusCode?: number }, _req, reply) => {
+  app.setErrorHandler(async (err: Error & { validation?: unknown; statusCode?: number }, request, reply) => {
     if (err.validation) {
       return reply.code(400).send({ error: 'bad-request', message: err.message });
+    }
+    if (isUnavailable(err)) {
+      return reply.code(501).send({ error: 'unavailable', message: UNAVAILABLE_MESSAGE });
+    }
+    if (err instanceof HttpError) {
+      return reply.code(err.statusCode).send({ error: err.code, message: err.message });
     }
     if (err instanceof EngineError) {
       return reply.code(422).send({ error: err.operation, message: err.message });
     }
+    request.log.error(err);
     const code = err.statusCode && err.statusCode >= 400 ? err.statusCode : 500;
     return reply.code(code).send({ error: 'internal', message: err.message });
   });
 
-  app.get('/healthz', { schema: { response: { 200: { type: 'object', properties: { ok: { type: 'boolean' }, name: { type: 'string' } } } } } }, async () => ({
-    ok: true,
-    name: config.name,
-  }));
+  const countOp = async <T>(operation: string, fn: () => Promise<T>): Promise<T> => {
+    try {
+      const r = await fn();
+      metrics.engineOperationsTotal.inc({ operation, outcome: 'ok' });
+      return r;
+    } catch (err) {
+      metrics.engineOperationsTotal.inc({ operation, outcome: isUnavailable(err) ? 'unavailable' : 'error' });
+      throw err;
+    }
+  };
+  const refreshActive = () => {
+    for (const role of ['source', 'destination'] as const) {
+      metrics.activeSessions.set({ role }, sessions.all().filter((s) => s.role === role && s.active).length);
+    }
+  };
+
+  app.get(
+    '/healthz',
+    { schema: { response: { 200: { type: 'object', properties: { ok: { type: 'boolean' }, name: { type: 'string' } } } } } },
+    async () => ({ ok: true, name: config.name }),
+  );
 
   app.get('/metrics', async (_req, reply) => {
     reply.header('content-type', metrics.registry.contentType);
@@ -63,5 +152,210 @@ export function buildAgentApp(config: AgentConfig, opts: { logger?: boolean } = 
     },
   );
 
-  return { app, metrics };
+  // ---------------------------------------------------------------- destination role
+
+  app.post<IdParams & { Body: PrepareRequest }>(
+    '/v1/migrations/:id/prepare',
+    { schema: { params: migrationIdParamsSchema, body: prepareRequestSchema, response: { 200: prepareResponseSchema, ...errorResponses } } },
+    async (request): Promise<PrepareResponse> => {
+      const { id } = request.params;
+      if (sessions.get(id)) throw new HttpError(409, 'conflict', `migration ${id} already has a session on this agent`);
+      const blockers = destinationBlockers(request.body);
+      if (blockers.length) {
+        metrics.engineOperationsTotal.inc({ operation: 'prepare', outcome: 'not-ready' });
+        return { id, ready: false, blockers, pageServer: null };
+      }
+      if (missing().length) throw new EngineUnavailableError(missing());
+      const session = new AgentSession(id, 'destination', request.body.pid, 'prepared');
+      sessions.add(session); // before the await: a concurrent second prepare gets 409
+      // The page stream's own credentials: a 128-bit id (the engine's framing carries 32 hex digits)
+      // and a 256-bit token, fresh for every migration.
+      const pageId = randomUUID().replace(/-/g, '');
+      const token = randomBytes(32).toString('hex');
+      try {
+        session.pageServer = await countOp('prepare', () =>
+          engine.startPageServer({ address: config.listen, port: 0, migrationId: pageId, token }),
+        );
+      } catch (err) {
+        sessions.delete(id);
+        throw err;
+      }
+      refreshActive();
+      const server = session.pageServer;
+      // A server bound to every address is reached at the one the coordinator reaches us at.
+      const address = config.advertise ?? (server.address === '0.0.0.0' || server.address === '::' ? request.hostname.replace(/:\d+$/, '') : server.address);
+      return { id, ready: true, blockers: [], pageServer: { address, port: server.port, migrationId: pageId, token: server.token ?? token } };
+    },
+  );
+
+  app.post<IdParams & { Body: RestoreRequest }>(
+    '/v1/migrations/:id/restore',
+    { schema: { params: migrationIdParamsSchema, body: restoreRequestSchema, response: errorResponses } },
+    async (request) => {
+      const { id } = request.params;
+      const session = sessions.get(id);
+      if (!session || session.role !== 'destination') throw notFound(id);
+      if (session.state !== 'prepared') throw new HttpError(409, 'conflict', `migration ${id} is ${session.state} here, not prepared`);
+      const server = session.pageServer;
+      if (!server) throw new HttpError(409, 'conflict', `migration ${id} has no page server here`);
+      session.set('restoring');
+      const image = Buffer.from(request.body.image, 'base64');
+      const call = countOp('restore', () => engine.restore(image, server));
+      session.inFlight = call;
+      try {
+        const report = await call;
+        if (session.is('aborting')) {
+          // Aborted while restoring: the abort route waits for us and then kills what we built.
+          session.restoredPid = report.pid;
+          throw new HttpError(409, 'aborted', `migration ${id} was aborted during restore`);
+        }
+        session.restoredPid = report.pid;
+        session.set('restored');
+        metrics.restoreSeconds.observe(report.timings.totalNs / 1e9);
+        const stats = server.stats?.();
+        if (stats) {
+          metrics.pageBytesTotal.inc({ direction: 'received' }, stats.wireBytes);
+          metrics.pagesTotal.inc({ kind: 'data' }, stats.dataPages);
+          metrics.pagesTotal.inc({ kind: 'zero' }, stats.zeroPages);
+        }
+        return { id, restore: report };
+      } catch (err) {
+        if (session.is('restoring')) session.set('failed', (err as Error).message);
+        throw err;
+      } finally {
+        session.inFlight = null;
+      }
+    },
+  );
+
+  // ---------------------------------------------------------------- source role
+
+  app.post<IdParams & { Body: SourceRequest }>(
+    '/v1/migrations/:id/source',
+    { schema: { params: migrationIdParamsSchema, body: sourceRequestSchema, response: errorResponses } },
+    async (request): Promise<SourceResponse> => {
+      const { id } = request.params;
+      const { pid, destination, bandwidthBytesPerSec } = request.body;
+      if (sessions.get(id)) throw new HttpError(409, 'conflict', `migration ${id} already has a session on this agent`);
+      if (missing().length) throw new EngineUnavailableError(missing());
+      const session = new AgentSession(id, 'source', pid, 'freezing');
+      sessions.add(session);
+      refreshActive();
+      const work = (async () => {
+        const handle = await countOp('open', () => engine.openSource(pid));
+        session.source = handle;
+        if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
+        session.frozenAt = process.hrtime.bigint();
+        const freeze = await countOp('freeze', () => handle.freeze());
+        if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
+        session.set('dumping');
+        const out = await countOp('dump', () => handle.dump({ ...destination, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) }));
+        const frozenMs = Number(process.hrtime.bigint() - session.frozenAt) / 1e6;
+        if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
+        const result = Buffer.isBuffer(out) ? { image: out } : out;
+        session.set('dumped');
+        if (result.transfer) metrics.pageBytesTotal.inc({ direction: 'sent' }, result.transfer.wireBytes);
+        return {
+          id,
+          image: result.image.toString('base64'),
+          freeze,
+          frozenMs,
+          dump: { ...(result.dump ?? {}) },
+          transfer: { ...(result.transfer ?? {}) },
+        } satisfies SourceResponse;
+      })();
+      session.inFlight = work;
+      try {
+        return await work;
+      } catch (err) {
+        if (isUnavailable(err) && !session.source) {
+          sessions.delete(id); // nothing was touched: no trace of this migration
+          refreshActive();
+          throw err;
+        }
+        if (!session.is('aborting', 'aborted')) {
+          // Before the commit point any failure puts the original back exactly as it was.
+          session.set('aborting', (err as Error).message);
+          try {
+            await session.undo();
+            session.set('failed');
+          } catch (undoErr) {
+            session.set('failed', `${(err as Error).message}; and putting the original back failed: ${(undoErr as Error).message}`);
+          }
+          metrics.migrationRolesTotal.inc({ role: 'source', outcome: 'failed' });
+          refreshActive();
+        }
+        throw err;
+      } finally {
+        session.inFlight = null;
+      }
+    },
+  );
+
+  // ---------------------------------------------------------------- both roles
+
+  app.post<IdParams>(
+    '/v1/migrations/:id/commit',
+    { schema: { params: migrationIdParamsSchema, response: errorResponses } },
+    async (request) => {
+      const { id } = request.params;
+      const session = sessions.get(id);
+      if (!session) throw notFound(id);
+      if (session.state === 'committed') return session.status(); // retried after a lost answer
+      const ready = session.role === 'source' ? 'dumped' : 'restored';
+      if (session.state !== ready) throw new HttpError(409, 'conflict', `migration ${id} is ${session.state} here: commit needs ${ready}`);
+      await countOp('commit', async () => {
+        if (session.role === 'source') {
+          await session.source!.commit();
+          if (session.frozenAt !== null) metrics.freezeSeconds.observe({ role: 'source' }, Number(process.hrtime.bigint() - session.frozenAt) / 1e9);
+          await session.source!.close?.();
+        } else {
+          await session.pageServer?.close();
+        }
+      });
+      session.set('committed');
+      metrics.migrationRolesTotal.inc({ role: session.role, outcome: 'committed' });
+      refreshActive();
+      return session.status();
+    },
+  );
+
+  app.post<IdParams>(
+    '/v1/migrations/:id/abort',
+    { schema: { params: migrationIdParamsSchema, response: errorResponses } },
+    async (request) => {
+      const { id } = request.params;
+      const session = sessions.get(id);
+      if (!session) throw notFound(id);
+      if (session.state === 'committed') throw new HttpError(409, 'committed', `migration ${id} is past the commit point here: it cannot be aborted`);
+      if (session.state === 'aborted') return session.status();
+      const wasFailed = session.state === 'failed';
+      session.set('aborting');
+      // A source engine call in flight is told to stop at once (the engine cancels the dump and
+      // thaws); either way we wait for the call to settle before we answer.
+      const pending = session.inFlight;
+      if (pending) {
+        if (session.role === 'source' && session.source) await session.undo().catch(() => {});
+        await pending.catch(() => {});
+      }
+      await countOp('abort', () => session.undo());
+      session.set('aborted');
+      if (!wasFailed) metrics.migrationRolesTotal.inc({ role: session.role, outcome: 'aborted' });
+      if (session.frozenAt !== null) metrics.freezeSeconds.observe({ role: 'source' }, Number(process.hrtime.bigint() - session.frozenAt) / 1e9);
+      refreshActive();
+      return session.status();
+    },
+  );
+
+  app.get<IdParams>(
+    '/v1/migrations/:id',
+    { schema: { params: migrationIdParamsSchema, response: { 200: agentMigrationStatusSchema, ...errorResponses } } },
+    async (request) => {
+      const session = sessions.get(request.params.id);
+      if (!session) throw notFound(request.params.id);
+      return session.status();
+    },
+  );
+
+  return { app, metrics, sessions };
 }

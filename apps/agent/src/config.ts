@@ -1,6 +1,6 @@
 /**
  * Agent configuration: a JSON file named by `tern-agent --config FILE`, overridable by environment
- * (TERN_AGENT_LISTEN, TERN_AGENT_PORT, TERN_CLUSTER_TOKEN) so systemd's environment file works.
+ * (TERN_AGENT_NAME, TERN_AGENT_LISTEN, TERN_AGENT_PORT, TERN_AGENT_ADVERTISE, TERN_CLUSTER_TOKEN) so systemd's environment file works.
  */
 import { readFileSync } from 'node:fs';
 
@@ -11,6 +11,8 @@ export interface AgentConfig {
   port: number;
   /** Bearer token every control request must carry. */
   clusterToken: string;
+  /** Address the page server is reached at when `listen` is a wildcard (TERN_AGENT_ADVERTISE). */
+  advertise?: string;
 }
 
 export class ConfigError extends Error {
@@ -32,6 +34,11 @@ export function loadAgentConfig(file: string | undefined, env: NodeJS.ProcessEnv
     port: Number(env.TERN_AGENT_PORT ?? raw.port ?? 7070),
     clusterToken: env.TERN_CLUSTER_TOKEN ?? raw.clusterToken,
   };
+  const advertise = env.TERN_AGENT_ADVERTISE ?? raw.advertise;
+  if (advertise !== undefined) {
+    if (typeof advertise !== 'string') throw new ConfigError('advertise must be a string');
+    Object.assign(config, { advertise });
+  }
   if (typeof config.clusterToken !== 'string' || config.clusterToken.length < 16) {
     throw new ConfigError('clusterToken (or TERN_CLUSTER_TOKEN) must be set to at least 16 characters');
   }

@@ -1,2 +1,13 @@
-export { buildAgentApp, type AgentApp } from './app.js';
+export { buildAgentApp, HttpError, type AgentApp, type AgentAppOptions } from './app.js';
 export { loadAgentConfig, type AgentConfig, ConfigError } from './config.js';
+export {
+  missingNativeFunctions,
+  nativeMigrationEngine,
+  isUnavailable,
+  EngineUnavailableError,
+  UNAVAILABLE_MESSAGE,
+  type MigrationEngine,
+  type PageServerHandle,
+  type SourceSessionHandle,
+} from './engine.js';
+export { destinationBlockers } from './readiness.js';

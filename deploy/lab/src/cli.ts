@@ -1,7 +1,8 @@
 // Backend of deploy/lab/lab (the bash entry point handles `exec` itself via the `argv` command).
 import { Lab, destroyLab, listLabs, reapStale } from './index.js';
 
-const USAGE = `usage: lab up [NAME] [--hosts N]        create a lab (persists until 'lab down'); prints its LabInfo JSON
+const USAGE = `usage: lab up [NAME] [--hosts N] [--agents]   create a lab (persists until 'lab down'); prints its LabInfo JSON;
+                                      --agents: a Tern agent in every host (for migrate --lab NAME)
        lab exec NAME HOST|client -- CMD...  run CMD inside a host of the lab
        lab ls [--reap] [--json]            list labs (--reap: first remove labs whose owner died)
        lab down NAME                       destroy a lab`;
@@ -17,16 +18,25 @@ async function main(argv: string[]): Promise<void> {
     case 'up': {
       let name: string | undefined;
       let hosts: number | undefined;
+      let agents = false;
       for (let i = 0; i < rest.length; i++) {
         const a = rest[i]!;
         if (a === '--hosts') hosts = Number(rest[++i]);
         else if (a.startsWith('--hosts=')) hosts = Number(a.slice(8));
-        else if (a === '--agents' || a.startsWith('--agents=')) die('agents not available yet');
+        else if (a === '--agents') agents = true;
         else if (a.startsWith('-')) die(`unknown option ${a}\n${USAGE}`);
         else if (name === undefined) name = a;
         else die(`unexpected argument ${a}\n${USAGE}`);
       }
       const lab = await Lab.create({ ...(name !== undefined && { name }), ...(hosts !== undefined && { hosts }), owned: false });
+      if (agents) {
+        try {
+          await lab.startAgents();
+        } catch (e) {
+          await lab.destroy();
+          throw e;
+        }
+      }
       process.stdout.write(JSON.stringify(lab.info, null, 2) + '\n');
       return;
     }

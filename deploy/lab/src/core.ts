@@ -11,6 +11,8 @@ export const SUBNET = '10.77.0.0/24';
 export const SERVICE_ADDRESS = '10.77.0.200';
 export const CLIENT_ADDRESS = '10.77.0.100';
 export const MAX_HOSTS = 8;
+/** Size of each lab host's pid range: host i (0-based) hands out pids from (i+1)·PID_RANGE+1. */
+export const PID_RANGE = 10000;
 export const NAME_RE = /^[a-z0-9-]{1,12}$/;
 /** tern-<name>-<part>; <part> never contains '-', so the lab name is unambiguous. */
 export const NETNS_RE = /^tern-([a-z0-9-]{1,12})-(host[A-H]|sw|client)$/;
@@ -34,6 +36,16 @@ export interface LabInfo {
   subnet: string;
   ownerPid: number | null;
   createdAt: string;
+  /** Agent URL by host name, when the lab runs agents (`lab up NAME --agents`). */
+  agentUrls?: Record<string, string>;
+}
+
+/** The agents of a lab: one per host, inside the host's namespaces, listening on the host address. */
+export interface LabAgents {
+  port: number;
+  /** Generated at `--agents` time; every agent of the lab and its coordinator share it. */
+  clusterToken: string;
+  hosts: Record<string, { url: string; pid: number; log: string; config: string }>;
 }
 
 /** What is persisted in STATE_DIR/<name>.json: LabInfo plus bookkeeping. */
@@ -44,6 +56,7 @@ export interface LabState extends LabInfo {
   ownerStart: string | null;
   /** starttime of each host init, by host name. */
   initStarts: Record<string, string>;
+  agents?: LabAgents;
 }
 
 export function hostLetter(i: number): string {
@@ -57,6 +70,14 @@ export function netnsName(lab: string, part: string): string {
 }
 export function statePath(name: string): string {
   return path.join(STATE_DIR, `${name}.json`);
+}
+/** Agent configs and logs of lab `name` (removed with the lab). */
+export function agentsDir(name: string): string {
+  return path.join(STATE_DIR, `${name}.agents`);
+}
+/** The embedded coordinator's database for `migrate --lab name` (removed with the lab). */
+export function coordinatorDbPath(name: string): string {
+  return path.join(agentsDir(name), 'coordinator.db');
 }
 
 export function validateName(name: string): void {
@@ -75,7 +96,9 @@ export function readState(name: string): LabState | null {
 export function writeState(st: LabState): void {
   const p = statePath(st.name);
   const tmp = `${p}.${process.pid}.tmp`;
-  fs.writeFileSync(tmp, JSON.stringify(st, null, 2) + '\n');
+  // With agents the state holds the cluster token: readable by root only.
+  fs.writeFileSync(tmp, JSON.stringify(st, null, 2) + '\n', { mode: st.agents ? 0o600 : 0o644 });
+  if (st.agents) fs.chmodSync(tmp, 0o600);
   fs.renameSync(tmp, p);
 }
 
@@ -120,6 +143,7 @@ export function publicInfo(st: LabState): LabInfo {
     subnet: st.subnet,
     ownerPid: st.ownerPid,
     createdAt: st.createdAt,
+    ...(st.agents && { agentUrls: Object.fromEntries(Object.entries(st.agents.hosts).map(([h, a]) => [h, a.url])) }),
   };
 }
 
@@ -300,7 +324,9 @@ export function teardownSync(name: string): void {
   for (const ns of order) {
     spawnSync('ip', ['netns', 'del', ns], { stdio: 'ignore' });
   }
-  // 4. the state file last: its absence tells the watchdog and `reapStale` the lab is gone
+  // 4. agent configs, logs and the embedded coordinator's database (`--agents`)
+  fs.rmSync(agentsDir(name), { recursive: true, force: true });
+  // 5. the state file last: its absence tells the watchdog and `reapStale` the lab is gone
   try {
     fs.unlinkSync(statePath(name));
   } catch {

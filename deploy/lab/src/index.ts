@@ -10,13 +10,15 @@
 import { spawn as cpSpawn, execFile, type ChildProcess, type SpawnOptions } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { randomInt } from 'node:crypto';
+import { randomBytes, randomInt } from 'node:crypto';
 import {
   CLIENT_ADDRESS,
   MAX_HOSTS,
+  PID_RANGE,
   PKG_ROOT,
   SERVICE_ADDRESS,
   SUBNET,
+  agentsDir,
   createStateExclusive,
   ensureInitBinary,
   findNsInit,
@@ -37,13 +39,18 @@ import {
   validateName,
   which,
   writeState,
+  type LabAgents,
   type LabHostInfo,
   type LabInfo,
   type LabState,
 } from './core.js';
 
-export type { LabHostInfo, LabInfo } from './core.js';
-export { SUBNET, SERVICE_ADDRESS, CLIENT_ADDRESS, MAX_HOSTS } from './core.js';
+export type { LabAgents, LabHostInfo, LabInfo } from './core.js';
+export { coordinatorDbPath } from './core.js';
+
+/** Port every lab agent listens on, on its host's address. */
+export const AGENT_PORT = 7070;
+export { SUBNET, SERVICE_ADDRESS, CLIENT_ADDRESS, MAX_HOSTS, PID_RANGE } from './core.js';
 
 export type HostName = `host${string}`;
 
@@ -269,6 +276,14 @@ export class Lab {
         st.hosts[i]!.initPid = r.pid;
         st.initStarts[st.hosts[i]!.name] = r.start;
       });
+      // Each host hands out pids from its own range (hostA 10001…, hostB 20001…), as separate
+      // machines effectively do: a process keeps its pid when it moves, so the pid it had on one
+      // host must be free on the other.
+      await Promise.all(
+        st.hosts.map((h, i) =>
+          execP('nsenter', ['--target', String(h.initPid), '--pid', '--mount', '--', 'sh', '-c', `echo ${(i + 1) * PID_RANGE} > /proc/sys/kernel/ns_last_pid`]),
+        ),
+      );
       step();
 
       st.status = 'ready';
@@ -402,6 +417,49 @@ export class Lab {
       if (nsLink(h.initPid, 'pid') === pidNs) return { host: h.name, pid: ns[ns.length - 1]! };
     }
     return null;
+  }
+
+  /**
+   * Starts a Tern agent in every host (`tern-agent`, inside the host's namespaces, listening on the
+   * host's address) with a generated cluster token, and records them in the lab state. Idempotent.
+   */
+  async startAgents(opts: { port?: number } = {}): Promise<LabAgents> {
+    const st = readState(this.info.name);
+    if (!st) throw new Error(`lab ${this.info.name} does not exist`);
+    if (st.agents) return st.agents;
+    const bin = process.env['TERN_AGENT_BIN'] ?? path.join(PKG_ROOT, '..', '..', 'apps', 'agent', 'dist', 'server.js');
+    if (!fs.existsSync(bin)) throw new Error(`lab: the agent is not built (${bin} is missing): run npm run build`);
+    const port = opts.port ?? AGENT_PORT;
+    const dir = agentsDir(this.info.name);
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const agents: LabAgents = { port, clusterToken: randomBytes(24).toString('hex'), hosts: {} };
+    for (const h of this.info.hosts) {
+      const config = path.join(dir, `${h.name}.json`);
+      const log = path.join(dir, `${h.name}.log`);
+      fs.writeFileSync(config, JSON.stringify({ name: h.name, listen: h.address, port, clusterToken: agents.clusterToken }, null, 2) + '\n', { mode: 0o600 });
+      const { pid } = await this.startDaemon(h.name, [process.execPath, bin, '--config', config], { logFile: log });
+      agents.hosts[h.name] = { url: `http://${h.address}:${port}`, pid, log, config };
+    }
+    // Ready when every agent answers /healthz from the client namespace (where the coordinator of
+    // `migrate --lab` runs).
+    const urls = Object.values(agents.hosts).map((a) => `${a.url}/healthz`);
+    const probe = `const urls=${JSON.stringify(urls)};const end=Date.now()+15000;(async()=>{for(const u of urls){for(;;){try{if((await fetch(u)).ok)break}catch{}if(Date.now()>end){console.error('no answer from '+u);process.exit(1)}await new Promise(r=>setTimeout(r,50))}}})()`;
+    const r = await this.run('client', [process.execPath, '-e', probe], { timeoutMs: 20_000 });
+    if (r.code !== 0) {
+      const logs = Object.values(agents.hosts).map((a) => { try { return fs.readFileSync(a.log, 'utf8').slice(-2000); } catch { return ''; } }).join('\n');
+      throw new Error(`lab ${this.info.name}: agents did not come up: ${r.stderr.trim()}\n${logs}`);
+    }
+    const now = readState(this.info.name);
+    if (!now) throw new Error(`lab ${this.info.name} vanished while starting agents`);
+    now.agents = agents;
+    writeState(now);
+    this.info.agentUrls = Object.fromEntries(Object.entries(agents.hosts).map(([n, a]) => [n, a.url]));
+    return agents;
+  }
+
+  /** The lab's agents (with their cluster token), or null if it runs none. */
+  agents(): LabAgents | null {
+    return readState(this.info.name)?.agents ?? null;
   }
 
   /** Moves 10.77.0.200/32 to `toHost`'s eth0 and makes the client (and hosts) re-resolve it. */

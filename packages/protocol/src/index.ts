@@ -1,3 +1,4 @@
 export * from './codec.js';
 export * from './engine.js';
 export * from './schemas.js';
+export * from './control.js';

@@ -1,0 +1,525 @@
+/**
+ * The migration state machine, driving the two agents over HTTP:
+ *
+ *   checking → precopy → switchover → restoring → postcopy → done
+ *        \________\___________\___________\→ aborted | failed   (before the commit point: rolled back)
+ *
+ * The commit point is the end of restoring: the destination runs the rebuilt process. Before it,
+ * any failure or abort tells the destination to drop what it built and then the source to thaw the
+ * original (in that order: never two copies running). After it, the migration can only end 'done':
+ * the source kills the original and the destination closes its page server.
+ *
+ * Every state change is written to SQLite before the step it names starts, so a coordinator that
+ * restarts finds each unfinished migration either before commit (→ roll back → 'aborted') or after
+ * (→ finish the cleanup → 'done') — recover() does exactly that, retrying agents that are down.
+ */
+import { randomBytes } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import {
+  BUILT_MODES,
+  isTerminal,
+  type CreateMigrationRequest,
+  type FailureKind,
+  type HostRecord,
+  type MigrationEvent,
+  type MigrationEventType,
+  type MigrationFailure,
+  type MigrationRecord,
+  type MigrationState,
+  type MigrationStats,
+  type PrepareResponse,
+  type SourceResponse,
+  type AgentCheckResponse,
+  type KernelProbe,
+  type ProcessInventory,
+} from '@tern/protocol';
+import { createCoordinatorMetrics, type CoordinatorMetrics } from '@tern/metrics';
+import { AgentCallError, AgentClient } from './agent-client.js';
+import { ActiveMigrationConflict, MigrationStore, processStartTime, type Owner } from './store.js';
+
+/** Coordinator instances alive in this process (several in tests, or a CLI and its embedded one). */
+const liveInstances = new Set<string>();
+
+/** An error the HTTP API answers with its status (400 bad input, 404 unknown, 409 conflict). */
+export class CoordinatorError extends Error {
+  override name = 'CoordinatorError';
+  constructor(
+    readonly statusCode: number,
+    readonly code: string,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** A step refused or failed in a way that ends the migration with this failure. */
+class MigrationFailed extends Error {
+  constructor(readonly failure: Omit<MigrationFailure, 'phase'>) {
+    super(failure.message);
+  }
+}
+
+export interface CoordinatorOptions {
+  store: MigrationStore;
+  /** Bearer token the agents expect. */
+  clusterToken: string;
+  metrics?: CoordinatorMetrics;
+  /** Timeout of the long agent calls (dump, restore). */
+  longCallTimeoutMs?: number;
+  /** Timeout of the other agent calls. */
+  callTimeoutMs?: number;
+  /** Delays between attempts to reach an agent while resolving an interrupted migration. */
+  retryDelaysMs?: number[];
+  log?: (msg: string) => void;
+}
+
+type Listener = (event: MigrationEvent) => void;
+
+const MB = 1_000_000;
+
+export class Coordinator {
+  readonly store: MigrationStore;
+  readonly metrics: CoordinatorMetrics;
+  private readonly emitter = new EventEmitter();
+  private readonly running = new Map<string, Promise<void>>();
+  private readonly resolving = new Map<string, Promise<void>>();
+  private readonly seqs = new Map<string, number>();
+  private closed = false;
+  /** This instance, as recorded in the migrations it drives. */
+  readonly owner: Owner = { pid: process.pid, start: processStartTime(process.pid), instance: randomBytes(8).toString('hex') };
+
+  constructor(private readonly opts: CoordinatorOptions) {
+    liveInstances.add(this.owner.instance);
+    this.store = opts.store;
+    this.metrics = opts.metrics ?? createCoordinatorMetrics();
+    this.emitter.setMaxListeners(0);
+  }
+
+  // ---------------------------------------------------------------- hosts
+
+  hosts(): HostRecord[] {
+    return this.store.hosts();
+  }
+
+  putHost(name: string, url: string): { host: HostRecord; created: boolean } {
+    const { created } = this.store.putHost({ name, url });
+    return { host: { name, url }, created };
+  }
+
+  private client(name: string): AgentClient {
+    const host = this.store.host(name);
+    if (!host) throw new CoordinatorError(400, 'unknown-host', `unknown host ${name}`);
+    return new AgentClient(host, { token: this.opts.clusterToken, timeoutMs: this.opts.callTimeoutMs ?? 30_000 });
+  }
+
+  // ---------------------------------------------------------------- events
+
+  /** Live events of one migration (or of all, with id null). Returns the unsubscribe function. */
+  subscribe(id: string | null, fn: Listener): () => void {
+    const channel = id ?? '*';
+    this.emitter.on(channel, fn);
+    return () => this.emitter.off(channel, fn);
+  }
+
+  events(id: string, afterSeq = 0): MigrationEvent[] {
+    return this.store.events(id, afterSeq);
+  }
+
+  private emit(rec: MigrationRecord, type: MigrationEventType, message: string, extra: Partial<MigrationEvent> = {}): void {
+    const seq = (this.seqs.get(rec.id) ?? this.store.lastSeq(rec.id)) + 1;
+    this.seqs.set(rec.id, seq);
+    const event: MigrationEvent = { migrationId: rec.id, seq, at: new Date().toISOString(), type, state: rec.state, message, ...extra };
+    this.store.appendEvent(event);
+    this.opts.log?.(`${rec.id} ${type} ${rec.state}: ${message}`);
+    this.emitter.emit(rec.id, event);
+    this.emitter.emit('*', event);
+  }
+
+  // ---------------------------------------------------------------- API
+
+  get(id: string): MigrationRecord {
+    const rec = this.store.get(id);
+    if (!rec) throw new CoordinatorError(404, 'not-found', `no migration ${id}`);
+    return rec;
+  }
+
+  list(opts: { limit?: number; state?: MigrationState } = {}): MigrationRecord[] {
+    return this.store.list(opts);
+  }
+
+  /** Validates, records ('checking') and starts a migration; its progress goes to the event stream. */
+  create(req: CreateMigrationRequest): MigrationRecord {
+    if (this.closed) throw new CoordinatorError(503, 'closing', 'the coordinator is shutting down');
+    const mode = req.mode ?? 'cold';
+    if (!BUILT_MODES.includes(mode)) {
+      throw new CoordinatorError(
+        400,
+        'mode-unavailable',
+        `mode ${mode} is not built yet: this version migrates with --mode cold only (the process is frozen while its memory moves)`,
+      );
+    }
+    if (req.from === req.to) throw new CoordinatorError(400, 'bad-request', `from and to are the same host (${req.from})`);
+    for (const h of [req.from, req.to]) {
+      if (!this.store.host(h)) throw new CoordinatorError(400, 'unknown-host', `unknown host ${h} (known: ${this.hosts().map((x) => x.name).join(', ') || 'none'})`);
+    }
+    const busy = this.store.activeFor(req.from, req.pid) ?? this.store.activeFor(req.to, req.pid);
+    if (busy) throw new CoordinatorError(409, 'conflict', `pid ${req.pid} is already part of migration ${busy.id} (${busy.from} → ${busy.to}, ${busy.state})`);
+    let rec: MigrationRecord;
+    try {
+      rec = this.store.insert({
+        id: `m${randomBytes(6).toString('hex')}`,
+        from: req.from,
+        to: req.to,
+        pid: req.pid,
+        mode,
+        maxDowntimeMs: req.maxDowntimeMs ?? null,
+        bandwidth: req.bandwidth ?? null,
+      }, this.owner);
+    } catch (err) {
+      if (err instanceof ActiveMigrationConflict) throw new CoordinatorError(409, 'conflict', err.message);
+      throw err;
+    }
+    this.metrics.migrationsInProgress.inc();
+    this.emit(rec, 'phase', `migrating pid ${rec.pid} from ${rec.from} to ${rec.to} (${mode}): checking both hosts`);
+    const run = this.run(rec.id).finally(() => this.running.delete(rec.id));
+    this.running.set(rec.id, run);
+    return rec;
+  }
+
+  /**
+   * Aborts a migration before its commit point and waits (up to `waitMs`) for it to be rolled back.
+   * 409 once it has committed or finished.
+   */
+  async abort(id: string, waitMs = 60_000): Promise<MigrationRecord> {
+    const rec = this.get(id);
+    if (isTerminal(rec.state)) throw new CoordinatorError(409, 'finished', `migration ${id} is already ${rec.state}`);
+    if (rec.committed) throw new CoordinatorError(409, 'committed', `migration ${id} is past its commit point: the process already runs on ${rec.to}`);
+    if (!rec.abortRequested) {
+      this.store.requestAbort(id);
+      this.emit(rec, 'log', 'abort requested');
+    }
+    let done = this.running.get(id) ?? this.resolving.get(id);
+    if (done) {
+      // Tell the agents now (the source stops a dump in progress); the runner then rolls back.
+      void this.rollBack(this.get(id)).catch(() => {});
+    } else {
+      // Not driven here: take it over if its owner is gone, else let its owner (another process
+      // over the same database) see the flag, and watch the record.
+      void this.recover();
+      done = this.resolving.get(id) ?? this.pollUntilFinal(id, waitMs);
+    }
+    await Promise.race([done, new Promise((r) => setTimeout(r, waitMs).unref())]);
+    return this.get(id);
+  }
+
+  private async pollUntilFinal(id: string, waitMs: number): Promise<void> {
+    const deadline = Date.now() + waitMs;
+    while (!isTerminal(this.get(id).state) && Date.now() < deadline && !this.closed) await new Promise((r) => setTimeout(r, 100));
+  }
+
+  /** Resolves until every migration this instance runs or resolves is final (tests, the embedded CLI). */
+  async idle(): Promise<void> {
+    while (this.running.size || this.resolving.size) {
+      await Promise.allSettled([...this.running.values(), ...this.resolving.values()]);
+    }
+  }
+
+  /** Resolves when migration `id` is final (or this coordinator stops driving it). */
+  async settled(id: string): Promise<MigrationRecord> {
+    await (this.running.get(id) ?? this.resolving.get(id));
+    return this.get(id);
+  }
+
+  close(): void {
+    this.closed = true;
+    liveInstances.delete(this.owner.instance);
+  }
+
+  // ---------------------------------------------------------------- the state machine
+
+  private enter(id: string, state: MigrationState, message: string, phaseStart: { at: number; state: MigrationState }): MigrationRecord {
+    this.metrics.phaseDurationSeconds.observe({ phase: phaseStart.state }, (performance.now() - phaseStart.at) / 1000);
+    phaseStart.at = performance.now();
+    phaseStart.state = state;
+    const rec = this.store.setState(id, state);
+    this.emit(rec, 'phase', message);
+    return rec;
+  }
+
+  private abortRequested(id: string): boolean {
+    return this.get(id).abortRequested;
+  }
+
+  private async run(id: string): Promise<void> {
+    const started = performance.now();
+    const phase = { at: started, state: 'checking' as MigrationState };
+    let rec = this.get(id);
+    const stats: MigrationStats = { ...rec.stats };
+    const src = this.client(rec.from);
+    const dst = this.client(rec.to);
+    const long = this.opts.longCallTimeoutMs ?? 600_000;
+    const stopIfAborted = () => {
+      if (this.abortRequested(id)) throw new MigrationFailed({ kind: 'aborted', message: 'aborted on request' });
+    };
+    try {
+      // checking: the source's verdict, then the destination's readiness and page server.
+      const check = await this.step('checking', () => src.call<AgentCheckResponse>('POST', '/v1/check', { pid: rec.pid }));
+      if (!check.report.movable) {
+        throw new MigrationFailed({
+          kind: 'not-movable',
+          message: `pid ${rec.pid} on ${rec.from} cannot be moved: ${check.report.blockers.map((b) => `${b.subject}: ${b.reason}`).join('; ')}`,
+          blockers: check.report.blockers,
+        });
+      }
+      this.emit(rec, 'log', `${rec.from}: pid ${rec.pid} (${check.inventory.comm}) is movable, ${check.report.residentBytes} bytes resident`);
+      const kernel = await this.step('checking', () => src.call<KernelProbe>('GET', '/v1/kernel'));
+      stopIfAborted();
+      const bandwidthBytesPerSec = rec.bandwidth !== null ? Math.max(1, Math.round(rec.bandwidth * MB)) : undefined;
+      const prep = await this.step('checking', () =>
+        dst.call<PrepareResponse>('POST', `/v1/migrations/${id}/prepare`, {
+          pid: rec.pid,
+          kernelRelease: kernel.kernelRelease,
+          residentBytes: check.report.residentBytes,
+          files: filesOf(check.inventory),
+          ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }),
+        }),
+      );
+      if (!prep.ready || !prep.pageServer) {
+        throw new MigrationFailed({
+          kind: 'destination-not-ready',
+          message: `${rec.to} cannot take pid ${rec.pid}: ${prep.blockers.map((b) => b.reason).join('; ')}`,
+          blockers: prep.blockers,
+        });
+      }
+      this.emit(rec, 'log', `${rec.to}: ready, page server at ${prep.pageServer.address}:${prep.pageServer.port}`);
+      stopIfAborted();
+
+      // precopy: cold mode has zero rounds — the memory moves inside the downtime.
+      rec = this.enter(id, 'precopy', 'cold mode: no pre-copy rounds, the memory moves during the switchover', phase);
+      this.emit(rec, 'progress', 'pre-copy skipped', { progress: { round: 0, bytes: 0, dirtyRateBytesPerSec: null, etaSeconds: null } });
+      stopIfAborted();
+
+      // switchover: freeze the source and stream its memory and state to the destination.
+      rec = this.enter(id, 'switchover', `freezing pid ${rec.pid} on ${rec.from} and sending its memory to ${rec.to}`, phase);
+      const dump = await this.step('switchover', () =>
+        src.call<SourceResponse>('POST', `/v1/migrations/${id}/source`, { pid: rec.pid, destination: prep.pageServer, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) }, long),
+      );
+      const afterDump = performance.now();
+      stats.bytes = num(dump.transfer.wireBytes) ?? num(dump.dump.bytes) ?? 0;
+      stats.pages.data = num(dump.dump.dataPages) ?? 0;
+      stats.pages.zero = num(dump.dump.zeroPages) ?? 0;
+      this.store.setStats(id, stats);
+      this.emit(rec, 'progress', `sent ${stats.bytes} bytes in ${dump.frozenMs.toFixed(1)} ms`, {
+        progress: { round: 0, bytes: stats.bytes, dirtyRateBytesPerSec: null, etaSeconds: null },
+      });
+      stopIfAborted();
+
+      // restoring: the destination rebuilds the process with the same pid and resumes it.
+      rec = this.enter(id, 'restoring', `rebuilding pid ${rec.pid} on ${rec.to}`, phase);
+      const restored = await this.step('restoring', () =>
+        dst.call<{ restore: { pid: number } }>('POST', `/v1/migrations/${id}/restore`, { image: dump.image }, long),
+      );
+      // Downtime without trusting two clocks: the source's own frozen time up to the end of the dump,
+      // plus our monotonic time from then to the destination's answer (one network leg over).
+      stats.downtimeMs = dump.frozenMs + (performance.now() - afterDump);
+      stats.restoredPid = restored.restore.pid;
+
+      // The commit point, atomic with the abort flag: from here on, only forward.
+      if (!this.store.markCommitted(id, stats)) throw new MigrationFailed({ kind: 'aborted', message: 'aborted on request' });
+      rec = this.get(id);
+      this.emit(rec, 'log', `commit point passed: pid ${stats.restoredPid} runs on ${rec.to}`);
+
+      // postcopy: cold mode leaves no lazy pages; the source's original is killed and the
+      // destination's page server closed.
+      rec = this.enter(id, 'postcopy', 'no lazy pages in cold mode: finishing on both hosts', phase);
+      await this.finishCommitted(rec);
+      stats.totalMs = performance.now() - started;
+      this.finishDone(id, stats, phase);
+    } catch (err) {
+      const failure = this.failureOf(id, err);
+      if (this.get(id).committed) {
+        // Past the commit point the process lives on the destination whatever happens: keep
+        // finishing the cleanup (retrying agents that are down) and end 'done'.
+        this.emit(this.get(id), 'log', `after the commit point: ${failure.message}; finishing the cleanup`);
+        await this.resolveInterrupted(id);
+        return;
+      }
+      await this.rollBackAndRecord(id, failure, stats, started);
+    }
+  }
+
+  /** Runs one agent call, turning its errors into the migration's failure. */
+  private async step<T>(phase: MigrationState, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      if (err instanceof AgentCallError) {
+        if (err.unreachable || (err.status !== null && err.status >= 500)) this.metrics.agentErrorsTotal.inc({ host: err.host });
+        let kind: FailureKind = 'engine';
+        if (err.unreachable) kind = 'agent-unreachable';
+        else if (err.status === 501 || err.code === 'unavailable') kind = 'unavailable';
+        else if (err.code === 'validate' || err.code === 'inspect') kind = 'bad-input';
+        else if (err.code === 'aborted') kind = 'aborted';
+        throw new MigrationFailed({ kind, message: `${phase}: ${err.message}` });
+      }
+      throw err;
+    }
+  }
+
+  private failureOf(id: string, err: unknown): MigrationFailure {
+    const phase = this.get(id).state;
+    if (this.abortRequested(id)) return { kind: 'aborted', phase, message: 'aborted on request' };
+    if (err instanceof MigrationFailed) return { ...err.failure, phase };
+    return { kind: 'internal', phase, message: err instanceof Error ? err.message : String(err) };
+  }
+
+  private finishDone(id: string, stats: MigrationStats, phase: { at: number; state: MigrationState }): void {
+    this.metrics.phaseDurationSeconds.observe({ phase: phase.state }, (performance.now() - phase.at) / 1000);
+    const rec = this.store.finish(id, 'done', null, stats);
+    const m = this.metrics;
+    m.migrationsInProgress.dec();
+    m.migrationsTotal.inc({ mode: rec.mode, result: 'done' });
+    if (stats.totalMs !== null) m.migrationDurationSeconds.observe({ mode: rec.mode }, stats.totalMs / 1000);
+    if (stats.downtimeMs !== null) m.downtimeSeconds.observe({ mode: rec.mode }, stats.downtimeMs / 1000);
+    m.migrationBytes.observe({ mode: rec.mode }, stats.bytes);
+    m.migrationRounds.observe({ mode: rec.mode }, stats.rounds);
+    m.bytesTotal.inc({ phase: rec.mode === 'cold' ? 'switchover' : 'precopy' }, stats.bytes);
+    m.pagesTotal.inc({ kind: 'data' }, stats.pages.data);
+    m.pagesTotal.inc({ kind: 'zero' }, stats.pages.zero);
+    m.pagesTotal.inc({ kind: 'dirty' }, stats.pages.dirty);
+    m.pagesTotal.inc({ kind: 'lazy' }, stats.pages.lazy);
+    m.precopyRoundsTotal.inc(stats.rounds);
+    m.dirtyRateBytesPerSecond.set(0);
+    const down = stats.downtimeMs !== null ? `${stats.downtimeMs.toFixed(1)} ms downtime, ` : '';
+    this.emit(rec, 'result', `done: ${down}${stats.bytes} bytes moved`, { record: rec });
+  }
+
+  private finishUndone(id: string, failure: MigrationFailure, stats: MigrationStats, started: number | null): MigrationRecord {
+    const state: MigrationState = failure.kind === 'aborted' ? 'aborted' : 'failed';
+    if (started !== null) stats.totalMs = performance.now() - started;
+    const rec = this.store.finish(id, state, failure, stats);
+    this.metrics.migrationsInProgress.dec();
+    this.metrics.migrationsTotal.inc({ mode: rec.mode, result: state });
+    if (stats.totalMs !== null) this.metrics.migrationDurationSeconds.observe({ mode: rec.mode }, stats.totalMs / 1000);
+    const where =
+      failure.kind === 'bad-input' ? '' : failure.phase === 'checking' ? `; pid ${rec.pid} keeps running on ${rec.from}` : `; pid ${rec.pid} was put back on ${rec.from}`;
+    this.emit(rec, 'result', `${state}: ${failure.message}${where}`, { record: rec });
+    return rec;
+  }
+
+  /** Destination first (drop what it built), then the source (thaw): never two copies running. */
+  private async rollBack(rec: MigrationRecord): Promise<void> {
+    const tolerate = (err: unknown) => {
+      // 404: that agent holds nothing for this migration (never reached, or already forgot it).
+      if (err instanceof AgentCallError && (err.status === 404 || err.status === 501)) return;
+      throw err;
+    };
+    await this.client(rec.to).call('POST', `/v1/migrations/${rec.id}/abort`, undefined, this.opts.longCallTimeoutMs ?? 600_000).catch(tolerate);
+    await this.client(rec.from).call('POST', `/v1/migrations/${rec.id}/abort`, undefined, this.opts.longCallTimeoutMs ?? 600_000).catch(tolerate);
+  }
+
+  private async rollBackAndRecord(id: string, failure: MigrationFailure, stats: MigrationStats, started: number | null): Promise<void> {
+    try {
+      await this.rollBack(this.get(id));
+    } catch (err) {
+      // An agent we cannot reach may hold a frozen original: keep the record unfinished and retry.
+      this.emit(this.get(id), 'log', `${failure.message}; rolling back failed (${(err as Error).message}): retrying`);
+      this.store.setStats(id, stats);
+      await this.resolveInterrupted(id, failure);
+      return;
+    }
+    this.finishUndone(id, failure, stats, started);
+  }
+
+  /** After the commit point: the source kills the original, the destination closes its page server. */
+  private async finishCommitted(rec: MigrationRecord): Promise<string[]> {
+    const warnings: string[] = [];
+    for (const [host, role] of [[rec.from, 'source'], [rec.to, 'destination']] as const) {
+      try {
+        await this.client(host).call('POST', `/v1/migrations/${rec.id}/commit`, undefined, this.opts.longCallTimeoutMs ?? 600_000);
+      } catch (err) {
+        if (err instanceof AgentCallError && err.status === 404) {
+          warnings.push(`${role} agent ${host} no longer knows this migration (restarted?)`);
+          continue;
+        }
+        throw err;
+      }
+    }
+    return warnings;
+  }
+
+  // ---------------------------------------------------------------- recovery
+
+  /** Resolves every unfinished migration left by a previous instance over the same database. */
+  async recover(): Promise<void> {
+    const pending = this.store.takeOverOrphans(this.owner, (instance) => liveInstances.has(instance)).filter((r) => !this.running.has(r.id));
+    for (const rec of pending) {
+      this.metrics.migrationsInProgress.inc();
+      this.emit(rec, 'log', `coordinator restarted with this migration in ${rec.state}${rec.committed ? ' (after the commit point)' : ' (before the commit point)'}`);
+    }
+    await Promise.all(pending.map((rec) => this.resolveInterrupted(rec.id, undefined, true)));
+  }
+
+  /**
+   * Drives an interrupted migration to a final state, retrying unreachable agents: before the commit
+   * point roll back → 'aborted' (or 'failed' with the given failure); after it finish → 'done'.
+   */
+  private resolveInterrupted(id: string, failure?: MigrationFailure, fromRestart = false): Promise<void> {
+    const existing = this.resolving.get(id);
+    if (existing) return existing;
+    const work = (async () => {
+      const delays = this.opts.retryDelaysMs ?? [200, 500, 1000, 2000, 5000, 10000, 30000];
+      for (let attempt = 0; ; attempt++) {
+        const rec = this.get(id);
+        if (isTerminal(rec.state)) return;
+        try {
+          if (rec.committed) {
+            const warnings = await this.finishCommitted(rec);
+            for (const w of warnings) this.emit(rec, 'log', w);
+            if (fromRestart) this.metrics.recoveriesTotal.inc({ result: 'done' });
+            this.finishDone(id, rec.stats, { at: performance.now(), state: rec.state });
+          } else {
+            await this.rollBack(rec);
+            const f: MigrationFailure = failure ?? {
+              kind: 'aborted',
+              phase: rec.state,
+              message: rec.abortRequested ? 'aborted on request' : `the coordinator restarted during ${rec.state}, before the commit point: rolled back`,
+            };
+            if (fromRestart) this.metrics.recoveriesTotal.inc({ result: f.kind === 'aborted' ? 'aborted' : 'failed' });
+            this.finishUndone(id, f, rec.stats, null);
+          }
+          return;
+        } catch (err) {
+          if (this.closed) return;
+          const delay = delays[Math.min(attempt, delays.length - 1)]!;
+          this.emit(rec, 'log', `resolving: ${(err as Error).message}; retrying in ${delay} ms`);
+          await new Promise((r) => setTimeout(r, delay));
+        }
+      }
+    })().finally(() => this.resolving.delete(id));
+    this.resolving.set(id, work);
+    return work;
+  }
+}
+
+function num(v: unknown): number | undefined {
+  return typeof v === 'number' && Number.isFinite(v) ? v : undefined;
+}
+
+/** The files a process maps or holds open: each must exist on the destination (same size for fds). */
+export function filesOf(inv: ProcessInventory): { path: string; size?: number }[] {
+  const byPath = new Map<string, { path: string; size?: number }>();
+  const add = (path: string | null | undefined, size?: number) => {
+    if (!path || !path.startsWith('/') || path.endsWith(' (deleted)') || path.startsWith('/proc/') || path.startsWith('/dev/')) return;
+    const prev = byPath.get(path);
+    byPath.set(path, size !== undefined ? { path, size } : (prev ?? { path }));
+  };
+  add(inv.exe);
+  for (const v of inv.vmas) if (v.kind === 'file' || v.kind === 'file-shared') add(v.path);
+  for (const fd of inv.fds) {
+    // Sizes only for files open read-only: a file the process writes to legitimately differs.
+    if (fd.kind === 'regular-file' && !fd.deleted) add(fd.path, (fd.flags & 3) === 0 ? fd.size : undefined);
+    else if (fd.kind === 'directory' || fd.kind === 'fifo') add(fd.path);
+  }
+  return [...byPath.values()];
+}

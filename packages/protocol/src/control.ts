@@ -1,0 +1,353 @@
+/**
+ * The migration control protocol: what the coordinator sends the agents, what the coordinator's own
+ * API accepts, and the progress events it streams. Types and JSON schemas side by side so that
+ * fastify validates exactly what TypeScript believes.
+ */
+import type { CheckReport, FreezeReport, Blocker } from './engine.js';
+
+export const MIGRATION_MODES = ['cold', 'precopy', 'postcopy', 'hybrid'] as const;
+export type MigrationMode = (typeof MIGRATION_MODES)[number];
+/** Modes this build can actually run; the others are refused with 400. */
+export const BUILT_MODES: readonly MigrationMode[] = ['cold'];
+
+/** The coordinator's state machine. Terminal: done, aborted, failed. */
+export const MIGRATION_STATES = ['checking', 'precopy', 'switchover', 'restoring', 'postcopy', 'done', 'aborted', 'failed'] as const;
+export type MigrationState = (typeof MIGRATION_STATES)[number];
+export const TERMINAL_STATES: readonly MigrationState[] = ['done', 'aborted', 'failed'];
+/** The phases a successful migration passes through, in order. */
+export const PHASES: readonly MigrationState[] = ['checking', 'precopy', 'switchover', 'restoring', 'postcopy', 'done'];
+
+export function isTerminal(state: MigrationState): boolean {
+  return TERMINAL_STATES.includes(state);
+}
+
+/** Why a migration did not complete, in a form the CLI maps to exit codes. */
+export type FailureKind =
+  | 'not-movable' // the source check refused the process (nothing was touched)
+  | 'destination-not-ready' // the destination refused (pid taken, files missing, ...)
+  | 'bad-input' // no such pid, a kernel thread, ...
+  | 'unavailable' // the engine of this build cannot do it yet
+  | 'agent-unreachable'
+  | 'engine' // the engine failed mid-way (the source was put back)
+  | 'aborted' // by request, or by a coordinator restart before the commit point
+  | 'internal';
+
+export interface MigrationFailure {
+  kind: FailureKind;
+  phase: MigrationState;
+  message: string;
+  blockers?: Blocker[];
+}
+
+export interface MigrationStats {
+  /** Frozen time: from the freeze at the source to the resume at the destination. */
+  downtimeMs: number | null;
+  totalMs: number | null;
+  bytes: number;
+  pages: { data: number; zero: number; dirty: number; lazy: number };
+  rounds: number;
+  dirtyRateBytesPerSec: number | null;
+  restoredPid: number | null;
+}
+
+export interface MigrationRecord {
+  id: string;
+  from: string;
+  to: string;
+  pid: number;
+  mode: MigrationMode;
+  maxDowntimeMs: number | null;
+  /** MB/s (10^6 bytes per second) as given; null: unlimited. */
+  bandwidth: number | null;
+  state: MigrationState;
+  /** The commit point has passed: the process lives on the destination from here on. */
+  committed: boolean;
+  abortRequested: boolean;
+  failure: MigrationFailure | null;
+  stats: MigrationStats;
+  createdAt: string;
+  updatedAt: string;
+  finishedAt: string | null;
+}
+
+export type MigrationEventType = 'phase' | 'progress' | 'log' | 'result';
+
+/** One event of a migration's progress stream (WebSocket, and persisted for replay). */
+export interface MigrationEvent {
+  migrationId: string;
+  /** 1, 2, 3... per migration, in the order they happened. */
+  seq: number;
+  at: string;
+  type: MigrationEventType;
+  state: MigrationState;
+  message: string;
+  progress?: {
+    round: number;
+    bytes: number;
+    dirtyRateBytesPerSec: number | null;
+    etaSeconds: number | null;
+  };
+  /** On 'result': the final record. */
+  record?: MigrationRecord;
+}
+
+// ---------------------------------------------------------------- agent API bodies
+
+/** POST /v1/migrations/:id/prepare (destination). */
+export interface PrepareRequest {
+  pid: number;
+  /** The source's kernel release: restore needs the same vdso ABI. */
+  kernelRelease?: string;
+  residentBytes?: number;
+  /** Files the process maps or holds open; they must exist on the destination (same size if given). */
+  files?: { path: string; size?: number }[];
+  bandwidthBytesPerSec?: number;
+}
+
+export interface PageServerAddress {
+  address: string;
+  port: number;
+  migrationId: string;
+  /** Per-migration token the page server expects (64 hex chars). */
+  token: string;
+}
+
+export interface PrepareResponse {
+  id: string;
+  ready: boolean;
+  blockers: Blocker[];
+  pageServer: PageServerAddress | null;
+}
+
+/** POST /v1/migrations/:id/source. */
+export interface SourceRequest {
+  pid: number;
+  destination: PageServerAddress;
+  bandwidthBytesPerSec?: number;
+}
+
+export interface SourceResponse {
+  id: string;
+  /** The process image (msgpack), base64. */
+  image: string;
+  freeze: FreezeReport;
+  /** Milliseconds from the freeze to the end of the dump, measured by the source agent. */
+  frozenMs: number;
+  dump: Record<string, number>;
+  transfer: Record<string, number>;
+}
+
+/** POST /v1/migrations/:id/restore. */
+export interface RestoreRequest {
+  image: string;
+}
+
+export type AgentRole = 'source' | 'destination';
+export type AgentSessionState =
+  | 'prepared' | 'freezing' | 'dumping' | 'dumped' | 'restoring' | 'restored' | 'committed' | 'aborting' | 'aborted' | 'failed';
+
+export interface AgentMigrationStatus {
+  id: string;
+  role: AgentRole;
+  state: AgentSessionState;
+  pid: number;
+  restoredPid: number | null;
+  error: string | null;
+  createdAt: string;
+  updatedAt: string;
+}
+
+export interface AgentCheckResponse {
+  inventory: import('./engine.js').ProcessInventory;
+  report: CheckReport;
+}
+
+// ---------------------------------------------------------------- JSON schemas
+
+export const migrationIdParamsSchema = {
+  type: 'object',
+  required: ['id'],
+  properties: { id: { type: 'string', pattern: '^[A-Za-z0-9_-]{1,64}$' } },
+} as const;
+
+const pidSchema = { type: 'integer', minimum: 1, maximum: 2147483647 } as const;
+
+export const blockerSchema = {
+  type: 'object',
+  required: ['subject', 'kind', 'reason'],
+  properties: { subject: { type: 'string' }, kind: { type: 'string' }, reason: { type: 'string' } },
+} as const;
+
+export const pageServerAddressSchema = {
+  type: 'object',
+  required: ['address', 'port', 'migrationId', 'token'],
+  additionalProperties: false,
+  properties: {
+    address: { type: 'string', minLength: 1, maxLength: 255 },
+    port: { type: 'integer', minimum: 1, maximum: 65535 },
+    migrationId: { type: 'string', minLength: 1, maxLength: 64 },
+    token: { type: 'string', pattern: '^[0-9a-f]{64}$' },
+  },
+} as const;
+
+export const prepareRequestSchema = {
+  type: 'object',
+  required: ['pid'],
+  additionalProperties: false,
+  properties: {
+    pid: pidSchema,
+    kernelRelease: { type: 'string', maxLength: 256 },
+    residentBytes: { type: 'integer', minimum: 0 },
+    files: {
+      type: 'array',
+      maxItems: 100000,
+      items: {
+        type: 'object',
+        required: ['path'],
+        additionalProperties: false,
+        properties: { path: { type: 'string', minLength: 1, maxLength: 4096 }, size: { type: 'integer', minimum: 0 } },
+      },
+    },
+    bandwidthBytesPerSec: { type: 'integer', minimum: 1 },
+  },
+} as const;
+
+export const prepareResponseSchema = {
+  type: 'object',
+  required: ['id', 'ready', 'blockers', 'pageServer'],
+  properties: {
+    id: { type: 'string' },
+    ready: { type: 'boolean' },
+    blockers: { type: 'array', items: blockerSchema },
+    pageServer: { anyOf: [{ type: 'null' }, pageServerAddressSchema] },
+  },
+} as const;
+
+export const sourceRequestSchema = {
+  type: 'object',
+  required: ['pid', 'destination'],
+  additionalProperties: false,
+  properties: { pid: pidSchema, destination: pageServerAddressSchema, bandwidthBytesPerSec: { type: 'integer', minimum: 1 } },
+} as const;
+
+export const restoreRequestSchema = {
+  type: 'object',
+  required: ['image'],
+  additionalProperties: false,
+  // base64 of a msgpack image; 256 MiB is far above any real image (pages are not in it).
+  properties: { image: { type: 'string', minLength: 1, maxLength: 268435456, pattern: '^[A-Za-z0-9+/]+={0,2}$' } },
+} as const;
+
+export const agentMigrationStatusSchema = {
+  type: 'object',
+  required: ['id', 'role', 'state', 'pid'],
+  properties: {
+    id: { type: 'string' },
+    role: { type: 'string', enum: ['source', 'destination'] },
+    state: { type: 'string' },
+    pid: { type: 'integer' },
+    restoredPid: { type: ['integer', 'null'] },
+    error: { type: ['string', 'null'] },
+    createdAt: { type: 'string' },
+    updatedAt: { type: 'string' },
+  },
+} as const;
+
+// ---------------------------------------------------------------- coordinator API schemas
+
+export interface CreateMigrationRequest {
+  from: string;
+  to: string;
+  pid: number;
+  mode?: MigrationMode;
+  maxDowntimeMs?: number;
+  /** MB/s. */
+  bandwidth?: number;
+}
+
+const hostNameSchema = { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' } as const;
+
+export const createMigrationRequestSchema = {
+  type: 'object',
+  required: ['from', 'to', 'pid'],
+  additionalProperties: false,
+  properties: {
+    from: hostNameSchema,
+    to: hostNameSchema,
+    pid: pidSchema,
+    mode: { type: 'string', enum: [...MIGRATION_MODES] },
+    maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 3600000 },
+    bandwidth: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
+  },
+} as const;
+
+export const hostParamsSchema = {
+  type: 'object',
+  required: ['name'],
+  properties: { name: hostNameSchema },
+} as const;
+
+export interface HostRecord {
+  name: string;
+  /** Base URL of the host's agent, e.g. http://10.77.0.11:7070. */
+  url: string;
+}
+
+export const hostBodySchema = {
+  type: 'object',
+  required: ['url'],
+  additionalProperties: false,
+  properties: { url: { type: 'string', pattern: '^https?://[^\\s/]+(/.*)?$', maxLength: 2048 } },
+} as const;
+
+export const hostSchema = {
+  type: 'object',
+  required: ['name', 'url'],
+  properties: { name: { type: 'string' }, url: { type: 'string' } },
+} as const;
+
+const failureSchema = {
+  type: ['object', 'null'],
+  properties: {
+    kind: { type: 'string' },
+    phase: { type: 'string' },
+    message: { type: 'string' },
+    blockers: { type: 'array', items: blockerSchema },
+  },
+} as const;
+
+export const migrationRecordSchema = {
+  type: 'object',
+  required: ['id', 'from', 'to', 'pid', 'mode', 'state', 'committed', 'createdAt'],
+  properties: {
+    id: { type: 'string' },
+    from: { type: 'string' },
+    to: { type: 'string' },
+    pid: { type: 'integer' },
+    mode: { type: 'string', enum: [...MIGRATION_MODES] },
+    maxDowntimeMs: { type: ['integer', 'null'] },
+    bandwidth: { type: ['number', 'null'] },
+    state: { type: 'string', enum: [...MIGRATION_STATES] },
+    committed: { type: 'boolean' },
+    abortRequested: { type: 'boolean' },
+    failure: failureSchema,
+    stats: {
+      type: 'object',
+      properties: {
+        downtimeMs: { type: ['number', 'null'] },
+        totalMs: { type: ['number', 'null'] },
+        bytes: { type: 'number' },
+        pages: {
+          type: 'object',
+          properties: { data: { type: 'number' }, zero: { type: 'number' }, dirty: { type: 'number' }, lazy: { type: 'number' } },
+        },
+        rounds: { type: 'number' },
+        dirtyRateBytesPerSec: { type: ['number', 'null'] },
+        restoredPid: { type: ['integer', 'null'] },
+      },
+    },
+    createdAt: { type: 'string' },
+    updatedAt: { type: 'string' },
+    finishedAt: { type: ['string', 'null'] },
+  },
+} as const;

@@ -1,0 +1,195 @@
+// Every route of the agent's control API through inject(): token, schema errors naming the field,
+// unknown ids, the destination's readiness against a real process, the honest 501 while the engine's
+// migration glue is missing, and the roles' sequence with an engine double passed in by the test.
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import { buildAgentApp, missingNativeFunctions, type MigrationEngine } from '@tern/agent';
+import { auth, token } from './helpers.js';
+
+const config = { name: 'hostT', listen: '127.0.0.1', port: 0, clusterToken: token };
+const id = 'm0123456789ab';
+const destination = { address: '127.0.0.1', port: 9, migrationId: id, token: 'ab'.repeat(32) };
+
+const routes: { method: 'GET' | 'POST'; url: string; payload?: unknown }[] = [
+  { method: 'GET', url: '/metrics' },
+  { method: 'GET', url: '/v1/kernel' },
+  { method: 'POST', url: '/v1/check', payload: { pid: 1 } },
+  { method: 'POST', url: `/v1/migrations/${id}/prepare`, payload: { pid: 1 } },
+  { method: 'POST', url: `/v1/migrations/${id}/source`, payload: { pid: 1, destination } },
+  { method: 'POST', url: `/v1/migrations/${id}/restore`, payload: { image: 'AAAA' } },
+  { method: 'POST', url: `/v1/migrations/${id}/commit` },
+  { method: 'POST', url: `/v1/migrations/${id}/abort` },
+  { method: 'GET', url: `/v1/migrations/${id}` },
+];
+
+t.test('every route but /healthz needs the cluster token', async (t) => {
+  const { app } = buildAgentApp(config);
+  t.teardown(() => app.close());
+  t.equal((await app.inject({ method: 'GET', url: '/healthz' })).statusCode, 200);
+  for (const r of routes) {
+    const none = await app.inject({ ...r });
+    t.equal(none.statusCode, 401, `${r.method} ${r.url} without a token`);
+    t.match(none.json(), { error: 'unauthorized', message: /missing Authorization/ });
+    const wrong = await app.inject({ ...r, headers: { authorization: 'Bearer not-the-token' } });
+    t.equal(wrong.statusCode, 401, `${r.method} ${r.url} with a wrong token`);
+    t.match(wrong.json().message, /wrong cluster token/);
+  }
+});
+
+t.test('schema errors answer 400 naming the field', async (t) => {
+  const { app } = buildAgentApp(config);
+  t.teardown(() => app.close());
+  const cases: [string, unknown, RegExp][] = [
+    [`/v1/migrations/${id}/prepare`, { pid: 'x' }, /pid/],
+    [`/v1/migrations/${id}/prepare`, { pid: 5, files: [{ size: 3 }] }, /files\/0.*path|path/],
+    [`/v1/migrations/${id}/source`, { pid: 5 }, /destination/],
+    [`/v1/migrations/${id}/source`, { pid: 5, destination: { ...destination, token: 'short' } }, /destination\/token/],
+    [`/v1/migrations/${id}/source`, { pid: 5, destination: { ...destination, port: 70000 } }, /destination\/port/],
+    [`/v1/migrations/${id}/restore`, { image: 'not base64!' }, /image/],
+    [`/v1/migrations/${id}/restore`, {}, /image/],
+    ['/v1/migrations/bad id!/abort', undefined, /id/],
+  ];
+  for (const [url, payload, field] of cases) {
+    const r = await app.inject({ method: 'POST', url, headers: auth, ...(payload !== undefined && { payload: payload as object }) });
+    t.equal(r.statusCode, 400, `${url} ${JSON.stringify(payload)}`);
+    t.match(r.json().message, field, `names the field: ${r.json().message}`);
+  }
+});
+
+t.test('unknown migration ids answer 404', async (t) => {
+  const { app } = buildAgentApp(config);
+  t.teardown(() => app.close());
+  for (const [method, url, payload] of [
+    ['GET', `/v1/migrations/${id}`],
+    ['POST', `/v1/migrations/${id}/commit`],
+    ['POST', `/v1/migrations/${id}/abort`],
+    ['POST', `/v1/migrations/${id}/restore`, { image: 'AAAA' }],
+  ] as const) {
+    const r = await app.inject({ method, url, headers: auth, ...(payload && { payload }) });
+    t.equal(r.statusCode, 404, `${method} ${url}`);
+    t.equal(r.json().error, 'not-found');
+  }
+});
+
+t.test('destination readiness is checked for real; the engine is called only when present', async (t) => {
+  const { app, metrics } = buildAgentApp(config);
+  t.teardown(() => app.close());
+  const child = spawn('sleep', ['60'], { stdio: 'ignore' });
+  t.teardown(() => child.kill('SIGKILL'));
+  const taken = await app.inject({
+    method: 'POST',
+    url: `/v1/migrations/${id}/prepare`,
+    headers: auth,
+    payload: { pid: child.pid, kernelRelease: 'not-this-kernel', files: [{ path: '/nonexistent/tern-file' }, { path: '/etc/hostname', size: 1 }], residentBytes: 2 ** 52 },
+  });
+  t.equal(taken.statusCode, 200);
+  const body = taken.json();
+  t.equal(body.ready, false);
+  t.equal(body.pageServer, null);
+  t.same(body.blockers.map((b: { kind: string }) => b.kind).sort(), ['file-changed', 'file-missing', 'kernel-mismatch', 'memory', 'pid-taken']);
+
+  // A pid free here (the highest possible one is never in use on this machine).
+  const free = await app.inject({ method: 'POST', url: `/v1/migrations/${id}/prepare`, headers: auth, payload: { pid: 2147483000 } });
+  const src = await app.inject({ method: 'POST', url: `/v1/migrations/${id}b/source`, headers: auth, payload: { pid: child.pid, destination } });
+  const missing = missingNativeFunctions();
+  if (missing.length) {
+    t.equal(free.statusCode, 501, `the engine lacks ${missing.join(', ')}: 501`);
+    t.same(free.json(), { error: 'unavailable', message: 'cold migration engine is not built in this version' });
+    t.equal(src.statusCode, 501);
+    t.equal((await app.inject({ method: 'GET', url: `/v1/migrations/${id}b`, headers: auth })).statusCode, 404, 'nothing recorded for a refused role');
+  } else {
+    t.equal(free.statusCode, 200, 'the page server starts');
+    t.match(free.json(), { ready: true, pageServer: { address: '127.0.0.1', port: Number, token: /^[0-9a-f]{64}$/ } });
+    t.equal((await app.inject({ method: 'POST', url: `/v1/migrations/${id}/abort`, headers: auth })).statusCode, 200, 'and is closed by abort');
+    t.not(src.statusCode, 501);
+  }
+  const text = await metrics.registry.metrics();
+  t.match(text, /tern_agent_engine_operations_total\{operation="prepare",outcome="not-ready"\} 1/);
+});
+
+/** An engine double: records the calls the agent makes, in order. */
+function engineDouble(opts: { failDump?: boolean; dumpMs?: number } = {}) {
+  const calls: string[] = [];
+  const engine: MigrationEngine = {
+    async startPageServer(o) {
+      calls.push(`PageServer.start ${o.address} ${o.migrationId}`);
+      return { address: o.address, port: 40000, close: async () => void calls.push('server.close') };
+    },
+    async openSource(pid) {
+      calls.push(`SourceSession.open ${pid}`);
+      return {
+        freeze: async () => (calls.push('freeze'), { threads: [pid], elapsedNs: 1000 }),
+        dump: async (d) => {
+          calls.push(`dump ${d.address}:${d.port}`);
+          await new Promise((r) => setTimeout(r, opts.dumpMs ?? 0));
+          if (opts.failDump) throw new Error('page server refused the token');
+          return { image: Buffer.from('img'), dump: { dataPages: 1, zeroPages: 0, skippedPages: 0, bytes: 4096, pagesElapsedNs: 1, elapsedNs: 1 }, transfer: { dataPages: 1, zeroPages: 0, records: 1, payloadBytes: 4096, wireBytes: 4200, elapsedSecs: 0.001, throughputBytesPerSec: 4e6 } };
+        },
+        commit: async () => void calls.push('commit'),
+        abort: async () => void calls.push('abort'),
+      };
+    },
+    async restore(image) {
+      calls.push(`restore ${image.toString()}`);
+      return { pid: 4242, threads: [4242], timings: { cloneNs: 1, memoryNs: 1, threadsNs: 1, totalNs: 3 }, pagesWritten: 1, bytesWritten: 4096, warnings: [] };
+    },
+  };
+  return { engine, calls };
+}
+
+t.test('the roles in sequence (engine double): prepare, source, restore, commit; 409s out of order', async (t) => {
+  const { engine, calls } = engineDouble();
+  const { app } = buildAgentApp(config, { engine });
+  t.teardown(() => app.close());
+  const post = (url: string, payload?: object) => app.inject({ method: 'POST', url, headers: auth, ...(payload && { payload }) });
+  const prep = await post(`/v1/migrations/${id}/prepare`, { pid: 2147483000 });
+  t.equal(prep.statusCode, 200);
+  t.equal(prep.json().pageServer.port, 40000);
+  t.equal((await post(`/v1/migrations/${id}/prepare`, { pid: 2147483000 })).statusCode, 409, 'a second prepare of the same id');
+  t.equal((await post(`/v1/migrations/${id}/commit`)).statusCode, 409, 'commit before restore');
+  const restore = await post(`/v1/migrations/${id}/restore`, { image: Buffer.from('img').toString('base64') });
+  t.equal(restore.statusCode, 200);
+  t.equal(restore.json().restore.pid, 4242);
+  const commit = await post(`/v1/migrations/${id}/commit`);
+  t.equal(commit.json().state, 'committed');
+  t.equal((await post(`/v1/migrations/${id}/commit`)).statusCode, 200, 'commit is idempotent');
+  t.equal((await post(`/v1/migrations/${id}/abort`)).statusCode, 409, 'no abort after the commit point');
+
+  const src = await post('/v1/migrations/msrc/source', { pid: 77, destination });
+  t.equal(src.statusCode, 200);
+  t.equal(Buffer.from(src.json().image, 'base64').toString(), 'img');
+  t.type(src.json().frozenMs, 'number');
+  t.equal((await post('/v1/migrations/msrc/commit')).json().state, 'committed');
+  t.match(calls[0], /^PageServer\.start 127\.0\.0\.1 [0-9a-f]{32}$/, 'a fresh 128-bit page stream id');
+  t.same(calls.slice(1), [
+    'restore img',
+    'server.close',
+    'SourceSession.open 77',
+    'freeze',
+    'dump 127.0.0.1:9',
+    'commit',
+  ]);
+});
+
+t.test('a failed dump thaws the source; abort during a dump waits for it and thaws once', async (t) => {
+  const failing = engineDouble({ failDump: true });
+  const a = buildAgentApp(config, { engine: failing.engine });
+  t.teardown(() => a.app.close());
+  const r = await a.app.inject({ method: 'POST', url: '/v1/migrations/mf/source', headers: auth, payload: { pid: 77, destination } });
+  t.equal(r.statusCode, 500);
+  t.match(r.json().message, /page server refused/);
+  t.same(failing.calls.slice(-2), ['dump 127.0.0.1:9', 'abort'], 'the original was put back');
+  t.equal((await a.app.inject({ method: 'GET', url: '/v1/migrations/mf', headers: auth })).json().state, 'failed');
+
+  const slow = engineDouble({ dumpMs: 300 });
+  const b = buildAgentApp(config, { engine: slow.engine });
+  t.teardown(() => b.app.close());
+  const dumping = b.app.inject({ method: 'POST', url: '/v1/migrations/ms/source', headers: auth, payload: { pid: 78, destination } });
+  await new Promise((res) => setTimeout(res, 100));
+  const abort = await b.app.inject({ method: 'POST', url: '/v1/migrations/ms/abort', headers: auth });
+  t.equal(abort.statusCode, 200);
+  t.equal(abort.json().state, 'aborted');
+  t.equal((await dumping).statusCode, 409, 'the dump answers: aborted');
+  t.equal(slow.calls.filter((c) => c === 'abort').length, 1, 'thawed exactly once');
+  t.equal((await b.app.inject({ method: 'POST', url: '/v1/migrations/ms/abort', headers: auth })).statusCode, 200, 'abort is idempotent');
+});
