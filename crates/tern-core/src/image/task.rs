@@ -140,6 +140,21 @@ impl ItimerImage {
         self.value_us != 0
     }
 
+    /// What to arm on the destination, if anything.
+    ///
+    /// A periodic timer can read as disarmed (value 0, interval ≠ 0) in a frozen process: it
+    /// expired while the process was stopped, its signal is pending, and the kernel forwards
+    /// ITIMER_REAL to the next period only when that signal is dequeued. setitimer with value 0
+    /// would disarm it for good, so it is armed for its next period instead (the pending signal
+    /// travels with the image).
+    pub fn to_restore(&self) -> Option<ItimerImage> {
+        match (self.value_us, self.interval_us) {
+            (0, 0) => None,
+            (0, interval) => Some(ItimerImage { interval_us: interval, value_us: interval }),
+            _ => Some(*self),
+        }
+    }
+
     /// The kernel's `struct itimerval` (4 × i64: interval sec/usec, value sec/usec).
     pub fn to_kernel(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
@@ -206,4 +221,28 @@ pub struct TaskImage {
     pub pdeathsig: i32,
     /// prctl(PR_GET_CHILD_SUBREAPER).
     pub child_subreaper: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ItimerImage;
+
+    #[test]
+    fn itimer_expired_while_frozen_is_rearmed_for_its_next_period() {
+        let disarmed = ItimerImage { interval_us: 0, value_us: 0 };
+        assert_eq!(disarmed.to_restore(), None);
+        let one_shot = ItimerImage { interval_us: 0, value_us: 500 };
+        assert_eq!(one_shot.to_restore(), Some(one_shot));
+        let running = ItimerImage { interval_us: 10_000, value_us: 2_500 };
+        assert_eq!(running.to_restore(), Some(running));
+        // Expired during the freeze: value reads 0, the interval is still set.
+        let expired = ItimerImage { interval_us: 10_000, value_us: 0 };
+        assert_eq!(expired.to_restore(), Some(ItimerImage { interval_us: 10_000, value_us: 10_000 }));
+    }
+
+    #[test]
+    fn itimerval_round_trips_through_the_kernel_layout() {
+        let t = ItimerImage { interval_us: 1_250_000, value_us: 3_000_001 };
+        assert_eq!(ItimerImage::from_kernel(&t.to_kernel()), t);
+    }
 }

@@ -813,7 +813,7 @@ impl Driver<'_> {
         let s = self.scratch();
         let it = &image.task.itimers;
         for (which, timer) in [(0u64, it.real), (1, it.virt), (2, it.prof)] {
-            if timer.is_armed() {
+            if let Some(timer) = timer.to_restore() {
                 self.write(s, &timer.to_kernel())?;
                 self.sys(leader, "setitimer", libc::SYS_setitimer, [which, s, 0, 0, 0, 0])?;
             }
