@@ -21,6 +21,7 @@ import { checkProcess, EngineError, probeKernel } from '@tern/native';
 import { createAgentMetrics, type AgentMetrics } from '@tern/metrics';
 import {
   agentMigrationStatusSchema,
+  bearerAuth,
   checkRequestSchema,
   errorSchema,
   migrationIdParamsSchema,
@@ -34,7 +35,7 @@ import {
   type SourceRequest,
   type SourceResponse,
 } from '@tern/protocol';
-import { bearerAuth } from './auth.js';
+
 import type { AgentConfig } from './config.js';
 import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine } from './engine.js';
 import { destinationBlockers } from './readiness.js';

@@ -19,6 +19,7 @@ import websocket from '@fastify/websocket';
 import type { WebSocket } from 'ws';
 import { createCoordinatorMetrics } from '@tern/metrics';
 import {
+  bearerAuth,
   createMigrationRequestSchema,
   errorSchema,
   hostBodySchema,
@@ -32,7 +33,7 @@ import {
   type MigrationEvent,
   type MigrationState,
 } from '@tern/protocol';
-import { bearerAuth } from './auth.js';
+
 import type { CoordinatorConfig } from './config.js';
 import { Coordinator, CoordinatorError, type CoordinatorOptions } from './coordinator.js';
 import { MigrationStore } from './store.js';

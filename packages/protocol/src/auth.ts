@@ -1,18 +1,29 @@
 /**
- * Cluster-token authentication: every control request carries `Authorization: Bearer <token>`.
- * Compared in constant time; anything else gets 401 with a body that says what was wrong.
+ * The control APIs' authentication scheme, shared by agents and coordinator: every request carries
+ * `Authorization: Bearer <token>`, compared in constant time; anything else gets 401 with a body
+ * that says what was wrong. WebSocket upgrades go through it too. Written against the few request
+ * and reply members it uses, so that this package needs no web framework (fastify's objects fit).
  */
-import { timingSafeEqual, createHash } from 'node:crypto';
-import type { FastifyReply, FastifyRequest } from 'fastify';
+import { createHash, timingSafeEqual } from 'node:crypto';
+
+interface AuthRequest {
+  headers: { authorization?: string | undefined };
+  routeOptions: { url?: string | undefined };
+}
+
+interface AuthReply {
+  code(statusCode: number): { send(body: unknown): unknown };
+}
 
 function digest(s: string): Buffer {
   // Hash both sides so timingSafeEqual always compares equal lengths.
   return createHash('sha256').update(s).digest();
 }
 
+/** An onRequest hook: requests to `publicPaths` (route patterns) pass without a token. */
 export function bearerAuth(token: string, publicPaths: ReadonlySet<string>) {
   const expected = digest(token);
-  return async function authenticate(request: FastifyRequest, reply: FastifyReply): Promise<void> {
+  return async function authenticate(request: AuthRequest, reply: AuthReply): Promise<void> {
     if (publicPaths.has(request.routeOptions.url ?? '')) return;
     const header = request.headers.authorization;
     if (!header) {
