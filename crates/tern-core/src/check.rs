@@ -314,6 +314,19 @@ fn check_socket(fd: i32, socket: &SocketKind, verdict: &mut Verdict) {
                     tcp.state.name()
                 ),
             ),
+            SocketState::FinWait1
+            | SocketState::FinWait2
+            | SocketState::CloseWait
+            | SocketState::LastAck
+            | SocketState::Closing
+            | SocketState::TimeWait => verdict.block(
+                subject,
+                "tcp-state",
+                format!(
+                    "TCP connection in state {}: half-closed connections are not carried yet (only ESTABLISHED ones are)",
+                    tcp.state.name()
+                ),
+            ),
             _ => {}
         },
         SocketKind::Udp(_) | SocketKind::Udp6(_) => {}

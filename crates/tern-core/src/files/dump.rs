@@ -789,14 +789,33 @@ fn dump_tcp(
             options,
         });
     }
-    Err(unsupported(
-        n,
-        "tcp",
-        format!(
-            "TCP connection in state {}: connected sockets move with TCP repair, which the files dump does not do",
-            crate::proc::net::SocketState::from_code(info.state).name()
-        ),
-    ))
+    if info.state != super::tcp::TCP_ESTABLISHED {
+        return Err(unsupported(
+            n,
+            "tcp",
+            format!(
+                "TCP connection in state {}: only ESTABLISHED connections are carried by TCP repair (half-closed states are not yet)",
+                crate::proc::net::SocketState::from_code(info.state).name()
+            ),
+        ));
+    }
+    let local = os::getsockname(file)
+        .map_err(sys(n, "tcp", "getsockname"))?
+        .map(inet_addr)
+        .ok_or_else(|| inconsistent(n, "tcp", "a connected socket without a local address"))?;
+    let peer = os::getpeername(file)
+        .map_err(sys(n, "tcp", "getpeername"))?
+        .map(inet_addr)
+        .ok_or_else(|| inconsistent(n, "tcp", "an established socket without a peer"))?;
+    let repair = super::tcp::dump_established(file)
+        .map_err(|e| unsupported(n, "tcp", format!("TCP repair of {local} <-> {peer}: {e}")))?;
+    Ok(FdKindImage::TcpEstablished {
+        family,
+        local,
+        peer,
+        options,
+        repair,
+    })
 }
 
 fn dump_udp(

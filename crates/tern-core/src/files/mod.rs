@@ -80,7 +80,7 @@
 //!                       SO_SNDBUF/RCVBUF).
 //!              restore: socket, options, bind (EADDRINUSE → AddressInUse), listen(backlog).
 //! tcp closed   a TCP socket never connected: socket, options, bind if it was bound.
-//! tcp other    refused at dump: established connections need TCP repair (crate::tcp, later).
+//! tcp estab.   TCP repair, sequence in [`tcp`]: ESTABLISHED only; half-closed states refused.
 //! udp          dump:    getsockname, getpeername, options (+SO_BROADCAST).
 //!              restore: socket, options, bind, connect if it had a peer. Queued datagrams are
 //!                       not carried (a datagram socket may lose them anyway).
@@ -124,6 +124,7 @@
 pub mod dump;
 mod os;
 pub mod restore;
+pub mod tcp;
 
 pub use dump::{dump_fds, FilesDumpError};
 pub use restore::{recreate_fds, FilesRestoreError, RecreateOptions, RecreatedFd, RecreatedFds};

@@ -450,6 +450,38 @@ impl Builder<'_> {
                 }
                 Ok(s)
             }
+            FdKindImage::TcpEstablished {
+                family,
+                local,
+                peer,
+                options,
+                repair,
+            } => {
+                let s = inet_socket(
+                    n,
+                    kind,
+                    *family,
+                    libc::SOCK_STREAM,
+                    libc::IPPROTO_TCP,
+                    options,
+                )?;
+                let local_addr = socket_addr(n, local)?;
+                let peer_addr = socket_addr(n, peer)?;
+                super::tcp::restore_established(
+                    &s,
+                    &local_addr,
+                    &peer_addr,
+                    options.reuseaddr,
+                    repair,
+                )
+                .map_err(|e| FilesRestoreError::Syscall {
+                    fd: n,
+                    kind,
+                    what: format!("TCP repair of {local} <-> {peer}: {}", e.what),
+                    errno: e.errno.unwrap_or(Errno(libc::EINVAL)),
+                })?;
+                Ok(s)
+            }
             FdKindImage::Udp {
                 family,
                 local,

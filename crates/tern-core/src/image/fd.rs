@@ -144,6 +144,47 @@ pub struct SocketOptions {
     pub rcvbuf: u32,
 }
 
+/// struct tcp_repair_window (TCP_REPAIR_WINDOW), as the kernel reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpWindowImage {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
+}
+
+/// Everything TCP repair needs to rebuild a connection (see [`crate::files::tcp`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpRepairImage {
+    /// TCP_QUEUE_SEQ of the send queue: write_seq, the sequence after the last queued byte.
+    pub send_seq: u32,
+    /// TCP_QUEUE_SEQ of the receive queue: rcv_nxt, the sequence after the last received byte.
+    pub recv_seq: u32,
+    /// The whole send queue (sent-but-unacked bytes, then not-yet-sent bytes).
+    pub send_queue: Blob,
+    /// How many bytes at the END of `send_queue` were never sent (SIOCOUTQNSD): written after
+    /// repair mode is left, like an application write.
+    pub unsent: u32,
+    /// Received bytes the application has not read yet.
+    pub recv_queue: Blob,
+    pub window: TcpWindowImage,
+    /// TCP_MAXSEG.
+    pub mss: u32,
+    /// tcpi_options: 1 timestamps, 2 SACK, 4 window scaling.
+    pub tcp_options: u8,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    /// TCP_TIMESTAMP (the socket's timestamp clock).
+    pub timestamp: u32,
+    /// TCP_KEEPIDLE / TCP_KEEPINTVL / TCP_KEEPCNT.
+    pub keep_idle: u32,
+    pub keep_intvl: u32,
+    pub keep_cnt: u32,
+}
+
 /// What the destination compares before reopening a regular file by path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -312,6 +353,14 @@ pub enum FdKindImage {
         local: Option<InetAddr>,
         options: SocketOptions,
     },
+    /// An ESTABLISHED TCP connection, checkpointed with TCP repair ([`crate::files::tcp`]).
+    TcpEstablished {
+        family: InetFamily,
+        local: InetAddr,
+        peer: InetAddr,
+        options: SocketOptions,
+        repair: TcpRepairImage,
+    },
     /// A UDP socket, bound and/or connected. Queued datagrams are not carried.
     Udp {
         family: InetFamily,
@@ -340,6 +389,7 @@ impl FdKindImage {
             FdKindImage::UnixPair { .. } => "unix-pair",
             FdKindImage::TcpListen { .. } => "tcp-listen",
             FdKindImage::TcpClosed { .. } => "tcp-closed",
+            FdKindImage::TcpEstablished { .. } => "tcp-established",
             FdKindImage::Udp { .. } => "udp",
         }
     }
