@@ -9,12 +9,14 @@
 //! - [`pidfd`]: pidfd_open / pidfd_getfd, to duplicate a target's fds into the engine.
 //! - [`probe`]: which kernel mechanisms this machine has (soft-dirty, userfaultfd, PAGEMAP_SCAN, ...).
 //! - [`image`]: the versioned description of a frozen process (msgpack).
+//! - [`dirty`]: dirty tracking for pre-copy (uffd-wp async + PAGEMAP_SCAN, or soft-dirty).
 //! - [`dump`]: freeze a process and produce its image plus a page stream.
 //! - [`pages`]: page sinks and the page store; the page transfer protocol.
 //! - [`files`]: dump and recreate each kind of open file.
 //! - [`restore`]: rebuild a process from an image with the same pid.
 
 pub mod check;
+pub mod dirty;
 pub mod dump;
 pub mod files;
 pub mod image;

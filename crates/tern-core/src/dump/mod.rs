@@ -40,9 +40,13 @@
 //! is unmapped on every path); the caller thaws or kills it.
 
 mod pages;
+mod precopy;
 mod session;
 
 pub use pages::page_wanted;
+pub use precopy::{
+    decide, PrecopyError, PrecopyFinal, PrecopyOptions, PrecopySession, RoundStats, Verdict,
+};
 pub use session::{SessionError, SourceSession};
 
 use crate::image::mm::{fnv1a, MmImage, VmaImage};
@@ -148,6 +152,16 @@ pub fn dump<S: PageSink>(
     tracer: &Tracer,
     sink: &mut S,
 ) -> Result<(ProcessImage, DumpStats), DumpError> {
+    dump_selected(tracer, sink, None)
+}
+
+/// [`dump`], sending only the pages inside `only` when given (pre-copy's final dirty set: the
+/// destination already holds the rest from the rounds).
+pub fn dump_selected<S: PageSink>(
+    tracer: &Tracer,
+    sink: &mut S,
+    only: Option<&crate::dirty::RangeSet>,
+) -> Result<(ProcessImage, DumpStats), DumpError> {
     let start = Instant::now();
     let pid = tracer.pid();
     if !tracer.is_frozen() {
@@ -182,6 +196,8 @@ pub fn dump<S: PageSink>(
         what: "PTRACE_PEEKSIGINFO",
         source,
     })?;
+    let (per_thread_pending, shared_pending) =
+        without_parked_stop(tracer, per_thread_pending, shared_pending);
 
     let remote = gather_remote(tracer, &tids)?;
 
@@ -345,7 +361,7 @@ pub fn dump<S: PageSink>(
     let fds = crate::files::dump_fds(pid, &inv).map_err(|source| DumpError::Files { pid, source })?;
 
     let pages_start = Instant::now();
-    let mut stats = pages::dump_pages(pid, &mm.vmas, sink)?;
+    let mut stats = pages::dump_pages(pid, &mm.vmas, sink, only, None)?;
     stats.pages_elapsed_ns = elapsed_ns(pages_start);
 
     let image = ProcessImage {
@@ -498,6 +514,26 @@ fn vma_image(pid: Pid, v: &proc::Vma) -> Result<VmaImage, DumpError> {
         file,
         kind: v.kind,
     })
+}
+
+/// Drops the SIGSTOP the tracer parked (see [`crate::ptrace`]) from the captured queues: the
+/// copy must not start stopped. Our SIGSTOP is the only one in its thread's private queue (a
+/// standard signal sent again merges with it); shared-queue SIGSTOPs are someone else's and kept.
+#[allow(clippy::type_complexity)]
+fn without_parked_stop(
+    tracer: &Tracer,
+    mut per_thread: Vec<Vec<Vec<u8>>>,
+    shared: Vec<Vec<u8>>,
+) -> (Vec<Vec<Vec<u8>>>, Vec<Vec<u8>>) {
+    if tracer.has_parked_stop() {
+        let is_stop = |raw: &Vec<u8>| {
+            raw.len() >= 4 && i32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]) == libc::SIGSTOP
+        };
+        for queue in &mut per_thread {
+            queue.retain(|raw| !is_stop(raw));
+        }
+    }
+    (per_thread, shared)
 }
 
 /// What the remote syscalls found.

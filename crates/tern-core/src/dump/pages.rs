@@ -1,5 +1,6 @@
 //! Reading a frozen target's pages: pagemap-driven, vectored, never page by page.
 use super::{DumpError, DumpStats};
+use crate::dirty::RangeSet;
 use crate::image::mm::VmaImage;
 use crate::pages::{PageSink, PAGE_SIZE};
 use crate::proc::VmaKind;
@@ -53,10 +54,23 @@ struct Batch {
     pages: usize,
 }
 
+/// Where a pass over a RUNNING target records what it sent and what it could not read.
+#[derive(Debug, Default)]
+pub(crate) struct PassTrack {
+    /// Pages put into the sink (data or zero marker).
+    pub sent: RangeSet,
+    /// Pages whose read failed (their VMA changed under us): to be sent again later.
+    pub failed: RangeSet,
+}
+
+/// Sends the wanted pages of `vmas`, only those inside `only` when given. With `track` the
+/// target may be running: a failed read is recorded instead of failing the pass.
 pub(crate) fn dump_pages<S: PageSink>(
     pid: Pid,
     vmas: &[VmaImage],
     sink: &mut S,
+    only: Option<&RangeSet>,
+    mut track: Option<&mut PassTrack>,
 ) -> Result<DumpStats, DumpError> {
     let io = |what: &str, source: std::io::Error| DumpError::Io {
         pid,
@@ -76,9 +90,14 @@ pub(crate) fn dump_pages<S: PageSink>(
         if !vma.has_dumpable_pages() {
             continue;
         }
-        let mut addr = vma.start;
-        while addr < vma.end {
-            let n = ((vma.end - addr) / PAGE).min(WINDOW_PAGES);
+        let spans = match only {
+            Some(set) => set.intersect_range(vma.start, vma.end),
+            None => vec![(vma.start, vma.end)],
+        };
+        for (span_start, span_end) in spans {
+        let mut addr = span_start;
+        while addr < span_end {
+            let n = ((span_end - addr) / PAGE).min(WINDOW_PAGES);
             let raw = &mut pm_raw[..n as usize * 8];
             pagemap
                 .read_exact_at(raw, addr / PAGE * 8)
@@ -107,14 +126,15 @@ pub(crate) fn dump_pages<S: PageSink>(
                 }
                 batch.pages += 1;
                 if batch.pages == BATCH_PAGES || batch.runs.len() == MAX_IOV {
-                    flush(pid, &mut batch, &mut buf, sink, &mut stats)?;
+                    flush(pid, &mut batch, &mut buf, sink, &mut stats, track.as_deref_mut())?;
                 }
                 i += 1;
             }
             addr += n * PAGE;
         }
+        }
         // Runs never span VMAs (a neighbour may need different treatment on restore).
-        flush(pid, &mut batch, &mut buf, sink, &mut stats)?;
+        flush(pid, &mut batch, &mut buf, sink, &mut stats, track.as_deref_mut())?;
     }
     Ok(stats)
 }
@@ -125,13 +145,28 @@ fn flush<S: PageSink>(
     buf: &mut [u8],
     sink: &mut S,
     stats: &mut DumpStats,
+    track: Option<&mut PassTrack>,
 ) -> Result<(), DumpError> {
     if batch.pages == 0 {
         return Ok(());
     }
     let total = batch.pages * PAGE_SIZE;
     let data = &mut buf[..total];
-    read_runs(pid, &batch.runs, data)?;
+    if let Err(e) = read_runs(pid, &batch.runs, data) {
+        let Some(track) = track else { return Err(e) };
+        for r in &batch.runs {
+            track.failed.push(r.addr, r.addr + r.pages * PAGE);
+        }
+        batch.runs.clear();
+        batch.pages = 0;
+        return Ok(());
+    }
+    let mut track = track;
+    if let Some(t) = track.as_deref_mut() {
+        for r in &batch.runs {
+            t.sent.push(r.addr, r.addr + r.pages * PAGE);
+        }
+    }
     let sink_err = |e: S::Error| DumpError::Sink {
         pid,
         source: Box::new(e),

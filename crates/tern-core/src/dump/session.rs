@@ -3,10 +3,25 @@
 //! `freeze → dump → (wait for the destination) → commit | abort`. Until `commit` the original is
 //! only frozen: `abort` (or dropping the session) thaws it exactly as it was. `commit` kills it:
 //! after the destination has restored the copy, the original must never run again.
+//!
+//! **Never run twice, even if the agent dies.** `freeze` also parks a SIGSTOP under the ptrace
+//! stop ([`Tracer::park_stop`]): it stays pending while every thread is ptrace-stopped, so if the
+//! process holding this session dies, the kernel's automatic detach lands the source in a
+//! group-stop (state T) instead of letting it run on; only a SIGCONT (an operator's decision)
+//! resumes it. `dump` leaves that SIGSTOP out of the image (the copy must not start stopped).
+//! `commit` SIGKILLs as before (SIGKILL wins over a pending SIGSTOP). `abort` consumes it
+//! silently: the park thread dequeues it under ptrace (all its other signals blocked), the
+//! signal-delivery-stop is suppressed, and only then is any thread detached, so no group-stop
+//! happens and the process sees no SIGSTOP/SIGCONT. Limits: a SIGCONT someone sends while frozen
+//! flushes the parked SIGSTOP (the protection is then lost; abort notices and consumes nothing);
+//! SIGCONTs pending at the park are flushed by it and re-sent (with our siginfo) at abort; a
+//! SIGSTOP already pending (or a stopped process) is left alone and protects the same way.
 use super::{dump, DumpError, DumpStats};
 use crate::image::ProcessImage;
 use crate::pages::PageSink;
-use crate::ptrace::{FreezeError, FreezeReport, ThawError, ThawReport, Tracer, TracerError};
+use crate::ptrace::{
+    FreezeError, FreezeReport, ParkError, ParkOutcome, ThawError, ThawReport, Tracer, TracerError,
+};
 use crate::sys::{Errno, Pid};
 use std::time::{Duration, Instant};
 
@@ -19,6 +34,8 @@ pub enum SessionError {
     Freeze(#[from] FreezeError),
     #[error(transparent)]
     Thaw(#[from] ThawError),
+    #[error(transparent)]
+    Park(#[from] ParkError),
     #[error("killing pid {pid}: {errno}")]
     Kill { pid: Pid, errno: Errno },
     #[error("pid {pid} did not die within {waited_ms} ms of SIGKILL")]
@@ -30,14 +47,49 @@ pub enum SessionError {
 pub struct SourceSession {
     tracer: Tracer,
     freeze: FreezeReport,
+    park: ParkOutcome,
 }
 
 impl SourceSession {
-    /// Freezes every thread of `pid`.
+    /// Freezes every thread of `pid` and parks a SIGSTOP under the ptrace stop (module header).
+    /// If the park fails the process is thawed and the error returned.
     pub fn freeze(pid: Pid) -> Result<SourceSession, SessionError> {
         let tracer = Tracer::new(pid)?;
         let freeze = tracer.freeze()?;
-        Ok(SourceSession { tracer, freeze })
+        let park = match tracer.park_stop() {
+            Ok(park) => park,
+            Err(e) => {
+                let _ = tracer.thaw();
+                return Err(e.into());
+            }
+        };
+        Ok(SourceSession {
+            tracer,
+            freeze,
+            park,
+        })
+    }
+
+    /// What protects the frozen source if this process dies (see the module header).
+    pub fn park_outcome(&self) -> ParkOutcome {
+        self.park
+    }
+
+    /// Wraps a tracer whose target is already frozen (pre-copy's final freeze) and parks the
+    /// SIGSTOP as [`SourceSession::freeze`] does. If the park fails the process is thawed.
+    pub(crate) fn from_frozen(tracer: Tracer, freeze: FreezeReport) -> Result<SourceSession, SessionError> {
+        let park = match tracer.park_stop() {
+            Ok(park) => park,
+            Err(e) => {
+                let _ = tracer.thaw();
+                return Err(e.into());
+            }
+        };
+        Ok(SourceSession {
+            tracer,
+            freeze,
+            park,
+        })
     }
 
     pub fn pid(&self) -> Pid {
@@ -65,6 +117,9 @@ impl SourceSession {
     /// it is dead (a zombie for its parent to reap, or gone).
     pub fn commit(self) -> Result<(), SessionError> {
         let pid = self.tracer.pid();
+        // Connected TCP sockets go into repair mode first: the kill then closes them silently
+        // (no FIN/RST reaches the peer, which now talks to the destination). Best effort.
+        let _ = crate::files::tcp::silence_process(pid);
         // SAFETY: kill takes two integers; `pid` is the process this session froze (its start
         // time was checked by the inspection of the dump).
         Errno::result(unsafe { libc::kill(pid.as_raw(), libc::SIGKILL) })

@@ -64,7 +64,7 @@ mod tracer;
 pub use crate::remote::{MemoryError, RemoteSyscallError};
 pub use stop::{decode_wait_status, PtraceEvent, Stop};
 pub use tracer::{
-    FreezeError, FreezeReport, GeneralRegisters, RegistersError, RseqConfiguration, ThawError,
+    FreezeError, FreezeReport, GeneralRegisters, ParkError, ParkOutcome, RegistersError, RseqConfiguration, ThawError,
     ThawReport, ThreadRegisters, ThreadSignals, Tracer, TracerError, Xstate,
 };
 
@@ -112,6 +112,7 @@ pub enum Request {
     GetSiginfo,
     PeekSiginfo,
     SetXstate,
+    SetSiginfo,
 }
 
 impl Request {
@@ -132,6 +133,7 @@ impl Request {
             Request::GetSiginfo => libc::PTRACE_GETSIGINFO,
             Request::PeekSiginfo => PTRACE_PEEKSIGINFO,
             Request::SetXstate => libc::PTRACE_SETREGSET,
+            Request::SetSiginfo => libc::PTRACE_SETSIGINFO,
         }
     }
 
@@ -152,6 +154,7 @@ impl Request {
             Request::GetSiginfo => "PTRACE_GETSIGINFO",
             Request::PeekSiginfo => "PTRACE_PEEKSIGINFO",
             Request::SetXstate => "PTRACE_SETREGSET(NT_X86_XSTATE)",
+            Request::SetSiginfo => "PTRACE_SETSIGINFO",
         }
     }
 }
@@ -401,6 +404,24 @@ pub fn get_siginfo(tid: Tid) -> Result<Vec<u8>, PtraceError> {
         )
     }?;
     Ok(buf)
+}
+
+/// `PTRACE_SETSIGINFO`: replace the siginfo of the signal a thread in signal-delivery-stop holds
+/// (`raw`: a raw siginfo of at most [`SIGINFO_SIZE`] bytes, e.g. one [`get_siginfo`] returned).
+pub fn set_siginfo(tid: Tid, raw: &[u8]) -> Result<(), PtraceError> {
+    let mut buf = [0u8; SIGINFO_SIZE];
+    let n = raw.len().min(SIGINFO_SIZE);
+    buf[..n].copy_from_slice(&raw[..n]);
+    // SAFETY: SETSIGINFO reads one siginfo_t (128 bytes) from `data`, a local buffer of that size.
+    unsafe {
+        ptrace_raw(
+            Request::SetSiginfo,
+            tid,
+            std::ptr::null_mut(),
+            buf.as_mut_ptr().cast(),
+        )
+    }
+    .map(drop)
 }
 
 /// `PTRACE_PEEKSIGINFO`: every queued signal of the thread (`shared`: of the whole process),

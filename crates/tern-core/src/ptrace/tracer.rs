@@ -39,6 +39,21 @@ pub struct ThawReport {
     pub elapsed_ns: u64,
 }
 
+/// What [`Tracer::park_stop`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum ParkOutcome {
+    /// A SIGSTOP is now queued for thread `tid` (tgkill): if the tracer dies, the kernel's
+    /// automatic detach turns it into a group-stop. Thaw consumes it silently.
+    Parked { tid: i32 },
+    /// A SIGSTOP someone else sent is already pending: it protects the target the same way and
+    /// is the target's own, so it is left alone (thaw lets the process stop, as it would have).
+    AlreadyPending,
+    /// The process was already in a group-stop when frozen: the kernel re-enters it at any
+    /// detach (`SIGNAL_STOP_STOPPED`), so nothing is needed.
+    GroupStopped,
+}
+
 macro_rules! general_registers {
     ($($field:ident),* $(,)?) => {
         /// Every field of `struct user_regs_struct`, named as in the kernel (camelCase in JSON).
@@ -174,6 +189,19 @@ pub enum ThawError {
     TracerGone { pid: Pid, panic: Option<String> },
 }
 
+/// [`Tracer::park_stop`] failed; the target stays frozen, nothing was parked.
+#[derive(Debug, thiserror::Error)]
+pub enum ParkError {
+    #[error("pid {pid} is not frozen: a SIGSTOP is only parked under the ptrace stop")]
+    NotFrozen { pid: Pid },
+    #[error("pid {pid} has no thread left to park a SIGSTOP on")]
+    NoThread { pid: Pid },
+    #[error("parking SIGSTOP on tid {tid} of pid {pid}: tgkill failed: {errno}")]
+    Kill { pid: Pid, tid: Tid, errno: Errno },
+    #[error("the tracer thread of pid {pid} is gone{}", panic_suffix(.panic))]
+    TracerGone { pid: Pid, panic: Option<String> },
+}
+
 /// [`Tracer::registers`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistersError {
@@ -194,6 +222,7 @@ type Reply<T> = mpsc::Sender<T>;
 enum Command {
     Freeze(Reply<Result<FreezeReport, FreezeError>>),
     Thaw(Reply<Result<ThawReport, ThawError>>),
+    ParkStop(Reply<Result<ParkOutcome, ParkError>>),
     Registers(Reply<Result<Vec<ThreadRegisters>, RegistersError>>),
     Syscall {
         tid: Option<Tid>,
@@ -209,6 +238,8 @@ enum Command {
 #[derive(Debug, Default)]
 struct Shared {
     frozen: AtomicBool,
+    /// A SIGSTOP of ours is parked (see [`Tracer::park_stop`]).
+    parked: AtomicBool,
     panic: Mutex<Option<String>>,
 }
 
@@ -228,6 +259,7 @@ impl std::fmt::Debug for Command {
         f.write_str(match self {
             Command::Freeze(_) => "Freeze",
             Command::Thaw(_) => "Thaw",
+            Command::ParkStop(_) => "ParkStop",
             Command::Registers(_) => "Registers",
             Command::Syscall { .. } => "Syscall",
             Command::Signals(_) => "Signals",
@@ -308,6 +340,23 @@ impl Tracer {
                 panic: self.panic_message(),
             })
         })
+    }
+
+    /// Parks a SIGSTOP under the ptrace stop of the frozen target (see the module header of
+    /// [`crate::ptrace`], "Parked SIGSTOP"): from now on, if this process dies, the target lands
+    /// in a group-stop instead of running on. [`Tracer::thaw`] (and drop) consume it silently.
+    pub fn park_stop(&self) -> Result<ParkOutcome, ParkError> {
+        self.call(Command::ParkStop).unwrap_or_else(|| {
+            Err(ParkError::TracerGone {
+                pid: self.pid,
+                panic: self.panic_message(),
+            })
+        })
+    }
+
+    /// Whether a SIGSTOP of ours is parked in the target (the dump leaves it out of the image).
+    pub fn has_parked_stop(&self) -> bool {
+        self.shared.parked.load(Ordering::SeqCst)
     }
 
     /// Every frozen thread's registers as they were at the freeze.
@@ -423,6 +472,9 @@ fn serve(pid: Pid, inbox: mpsc::Receiver<Command>, shared: Arc<Shared>) {
             Command::Thaw(reply) => state.guarded(reply, TracerState::thaw, |panic| {
                 ThawError::TracerGone { pid, panic }
             }),
+            Command::ParkStop(reply) => state.guarded(reply, TracerState::park_stop, |panic| {
+                ParkError::TracerGone { pid, panic }
+            }),
             Command::Registers(reply) => state.guarded(reply, TracerState::registers, |panic| {
                 RegistersError::TracerGone { pid, panic }
             }),
@@ -485,10 +537,24 @@ struct Slot {
     resend: Vec<i32>,
 }
 
+/// The SIGSTOP of ours queued for one thread while frozen.
+#[derive(Debug)]
+struct Park {
+    tid: Tid,
+    /// An injected syscall's thread dequeued it (and we suppressed it): queue it again.
+    repark: bool,
+    /// SIGCONTs our SIGSTOP flushed (the kernel drops pending SIGCONTs when a stop signal is
+    /// sent): re-sent after it is consumed. `None`: the process-wide queue.
+    flushed_conts: Vec<Option<Tid>>,
+}
+
 struct TracerState {
     pid: Pid,
     shared: Arc<Shared>,
     frozen: bool,
+    /// Some thread reported a group-stop during the freeze (the process was stopped).
+    group_stopped: bool,
+    park: Option<Park>,
     threads: BTreeMap<Tid, Slot>,
     site: SyscallSite,
 }
@@ -507,6 +573,8 @@ impl TracerState {
             pid,
             shared,
             frozen: false,
+            group_stopped: false,
+            park: None,
             threads: BTreeMap::new(),
             site: SyscallSite::new(pid),
         }
@@ -550,6 +618,7 @@ impl TracerState {
             return Err(FreezeError::AlreadyFrozen { pid });
         }
         let start = Instant::now();
+        self.group_stopped = false;
         let outcome = self.seize_all().and_then(|()| self.save_registers());
         if let Err(e) = outcome {
             let _ = self.release_all();
@@ -672,7 +741,11 @@ impl TracerState {
             Stop::Exited { .. } | Stop::Killed { .. } => {
                 self.threads.remove(&tid);
             }
-            Stop::Interrupt | Stop::GroupStop { .. } => {
+            Stop::Interrupt => {
+                self.threads.entry(tid).or_default().stopped = true;
+            }
+            Stop::GroupStop { .. } => {
+                self.group_stopped = true;
                 self.threads.entry(tid).or_default().stopped = true;
             }
             Stop::Signal { signal } => {
@@ -745,8 +818,9 @@ impl TracerState {
         if self.threads.values().any(|s| !s.stopped) {
             let _ = self.collect_stops();
         }
+        // Before any thread is detached: a detached thread would dequeue the parked SIGSTOP.
+        let mut first_error = self.consume_parked_stop().err().filter(|e| !e.is_gone());
         let threads = std::mem::take(&mut self.threads);
-        let mut first_error = None;
         for (tid, slot) in threads {
             if let Err(e) = self.release_thread(tid, &slot) {
                 if !e.is_gone() && first_error.is_none() {
@@ -782,6 +856,207 @@ impl TracerState {
             let _ = ptrace::tgkill(self.pid, tid, signal);
         }
         ptrace::detach(tid, slot.held_signal)
+    }
+
+    // --- the parked SIGSTOP ---------------------------------------------------------------
+
+    fn park_stop(&mut self) -> Result<ParkOutcome, ParkError> {
+        let pid = self.pid;
+        if !self.frozen {
+            return Err(ParkError::NotFrozen { pid });
+        }
+        if let Some(park) = &self.park {
+            return Ok(ParkOutcome::Parked {
+                tid: park.tid.as_raw(),
+            });
+        }
+        if self.group_stopped {
+            return Ok(ParkOutcome::GroupStopped);
+        }
+        let stop = sig_bit(libc::SIGSTOP);
+        let foreign = self.threads.iter().any(|(&tid, slot)| {
+            slot.held_signal == libc::SIGSTOP
+                || ThreadStatus::read(pid, tid).is_some_and(|s| s.pending & stop != 0)
+        });
+        if foreign {
+            return Ok(ParkOutcome::AlreadyPending);
+        }
+        let tid = self.park_thread().ok_or(ParkError::NoThread { pid })?;
+        let flushed_conts = self.pending_conts();
+        ptrace::tgkill(pid, tid, libc::SIGSTOP)
+            .map_err(|errno| ParkError::Kill { pid, tid, errno })?;
+        self.park = Some(Park {
+            tid,
+            repark: false,
+            flushed_conts,
+        });
+        self.shared.parked.store(true, Ordering::SeqCst);
+        Ok(ParkOutcome::Parked {
+            tid: tid.as_raw(),
+        })
+    }
+
+    /// The thread the SIGSTOP is queued for, and that dequeues it again at thaw: one that holds
+    /// no signal, is not inside a call with a temporary signal mask (ppoll & co.: the mask
+    /// juggling at thaw would make its real mask current), and preferably not the leader (the
+    /// usual injection thread, which would dequeue it at every injected syscall).
+    fn park_thread(&self) -> Option<Tid> {
+        self.threads
+            .iter()
+            .filter(|(_, s)| s.stopped && s.regs.is_some())
+            .min_by_key(|(&tid, s)| {
+                let swaps_mask = s
+                    .regs
+                    .as_ref()
+                    .and_then(remote::interrupted_syscall)
+                    .is_some_and(swaps_sigmask);
+                (s.held_signal != 0, swaps_mask, tid == self.pid, s.injected, tid)
+            })
+            .map(|(&tid, _)| tid)
+    }
+
+    /// Where a SIGCONT is pending now (a SIGSTOP sent now would flush it).
+    fn pending_conts(&self) -> Vec<Option<Tid>> {
+        let cont = sig_bit(libc::SIGCONT);
+        let mut out = Vec::new();
+        let mut shared = false;
+        for &tid in self.threads.keys() {
+            if let Some(s) = ThreadStatus::read(self.pid, tid) {
+                if s.private & cont != 0 {
+                    out.push(Some(tid));
+                }
+                shared |= s.shared & cont != 0;
+            }
+        }
+        if shared {
+            out.push(None);
+        }
+        out
+    }
+
+    /// After an injected syscall: queue the parked SIGSTOP again if its thread dequeued it.
+    fn repark(&mut self) {
+        if !self.park.as_ref().is_some_and(|p| p.repark) {
+            return;
+        }
+        let conts = self.pending_conts();
+        let pid = self.pid;
+        if let Some(park) = self.park.as_mut() {
+            park.repark = false;
+            for c in conts {
+                if !park.flushed_conts.contains(&c) {
+                    park.flushed_conts.push(c);
+                }
+            }
+            let _ = ptrace::tgkill(pid, park.tid, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaw, first step: let the park thread dequeue our SIGSTOP under ptrace and suppress it,
+    /// then re-send the SIGCONTs it flushed. Every other thread is still in its ptrace-stop.
+    fn consume_parked_stop(&mut self) -> Result<(), PtraceError> {
+        let Some(park) = self.park.take() else {
+            return Ok(());
+        };
+        self.shared.parked.store(false, Ordering::SeqCst);
+        let result = self.dequeue_parked_stop(park.tid);
+        for target in park.flushed_conts {
+            match target {
+                Some(tid) => {
+                    let _ = ptrace::tgkill(self.pid, tid, libc::SIGCONT);
+                }
+                // SAFETY: kill takes two integers; `pid` is the process this tracer holds.
+                None => unsafe {
+                    libc::kill(self.pid.as_raw(), libc::SIGCONT);
+                },
+            }
+        }
+        result
+    }
+
+    fn dequeue_parked_stop(&mut self, tid: Tid) -> Result<(), PtraceError> {
+        let pid = self.pid;
+        let queued = ThreadStatus::read(pid, tid)
+            .is_some_and(|s| s.private & sig_bit(libc::SIGSTOP) != 0);
+        let Some(slot) = self.threads.get_mut(&tid).filter(|s| s.stopped) else {
+            return Ok(());
+        };
+        if !queued {
+            return Ok(()); // a SIGCONT flushed it meanwhile: nothing to consume
+        }
+        // A held signal is dropped by PTRACE_CONT(0); its siginfo goes onto the SIGSTOP's stop
+        // and the detach with it re-injects it unchanged.
+        let held_info = if slot.held_signal != 0 {
+            Some(ptrace::get_siginfo(tid)?)
+        } else {
+            None
+        };
+        if slot.injected {
+            // All signals are blocked already; it must leave its syscall-exit stop with its own
+            // registers (thaw sets them again from the SIGSTOP's stop).
+            if let Some(regs) = slot.regs.and_then(|r| remote::thaw_regs(&r, true, true)) {
+                ptrace::set_regs(tid, &regs)?;
+            }
+        } else if slot.saved_sigmask.is_none() {
+            // Only SIGSTOP (and SIGKILL) can be dequeued now; thaw restores the real mask.
+            let mask = ptrace::get_sigmask(tid)?;
+            ptrace::set_sigmask(tid, u64::MAX)?;
+            slot.saved_sigmask = Some(mask);
+        }
+        ptrace::cont(tid, 0)?;
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let mut interrupted = false;
+        loop {
+            let stop = match ptrace::wait(tid.as_raw(), libc::WNOHANG) {
+                Ok(Some((_, stop))) => stop,
+                Ok(None) => {
+                    if !interrupted && Instant::now() > deadline {
+                        // Not there after all (flushed in a race): just stop it again.
+                        ptrace::interrupt(tid)?;
+                        interrupted = true;
+                    }
+                    std::thread::sleep(Duration::from_micros(20));
+                    continue;
+                }
+                Err(Errno(libc::ECHILD)) => {
+                    self.threads.remove(&tid);
+                    return Ok(());
+                }
+                Err(errno) => {
+                    return Err(PtraceError {
+                        request: ptrace::Request::Cont,
+                        tid,
+                        errno,
+                    })
+                }
+            };
+            let Some(slot) = self.threads.get_mut(&tid) else {
+                return Ok(());
+            };
+            match stop {
+                Stop::Signal { signal } if signal == libc::SIGSTOP => {
+                    if let Some(info) = &held_info {
+                        ptrace::set_siginfo(tid, info)?;
+                    }
+                    return Ok(()); // thaw detaches it with its held signal or 0: suppressed
+                }
+                Stop::Signal { signal } => {
+                    slot.resend.push(signal);
+                    ptrace::cont(tid, 0)?;
+                }
+                Stop::Exited { .. } | Stop::Killed { .. } => {
+                    self.threads.remove(&tid);
+                    return Ok(());
+                }
+                Stop::Interrupt | Stop::GroupStop { .. } if interrupted => {
+                    if slot.held_signal != 0 {
+                        slot.resend.push(std::mem::take(&mut slot.held_signal));
+                    }
+                    return Ok(());
+                }
+                _ => ptrace::cont(tid, 0)?,
+            }
+        }
     }
 
     // --- while frozen ---------------------------------------------------------------------
@@ -911,7 +1186,9 @@ impl TracerState {
             slot.injected = true;
         }
         let saved = slot.regs.ok_or(RemoteSyscallError::NoThread { pid })?;
-        remote::inject_syscall(tid, &saved, site, nr, args, self)
+        let result = remote::inject_syscall(tid, &saved, site, nr, args, self);
+        self.repark();
+        result
     }
 }
 
@@ -934,6 +1211,13 @@ impl StopSource for TracerState {
     }
 
     fn defer_signal(&mut self, tid: Tid, signal: i32) {
+        if let Some(park) = self.park.as_mut().filter(|p| p.tid == tid) {
+            if signal == libc::SIGSTOP {
+                // Our parked SIGSTOP (private signals are dequeued before shared ones).
+                park.repark = true;
+                return;
+            }
+        }
         if let Some(slot) = self.threads.get_mut(&tid) {
             slot.resend.push(signal);
         }
@@ -971,6 +1255,10 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
 struct ThreadStatus {
     zombie: bool,
     tracer_pid: i32,
+    /// `SigPnd`: the thread's own queue.
+    private: u64,
+    /// `ShdPnd`: the process-wide queue.
+    shared: u64,
     pending: u64,
     blocked: u64,
 }
@@ -989,10 +1277,29 @@ impl ThreadStatus {
             tracer_pid: status_field(&text, "TracerPid:")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
+            private: mask("SigPnd:"),
+            shared: mask("ShdPnd:"),
             pending: mask("SigPnd:") | mask("ShdPnd:"),
             blocked: mask("SigBlk:"),
         })
     }
+}
+
+fn sig_bit(signal: i32) -> u64 {
+    1u64 << (signal - 1)
+}
+
+/// Syscalls that run with a temporary signal mask (restored via TIF_RESTORE_SIGMASK).
+fn swaps_sigmask(nr: i64) -> bool {
+    matches!(
+        nr,
+        libc::SYS_ppoll
+            | libc::SYS_pselect6
+            | libc::SYS_epoll_pwait
+            | libc::SYS_epoll_pwait2
+            | libc::SYS_rt_sigsuspend
+            | 333 // io_pgetevents
+    )
 }
 
 /// Whether a signal the thread does not block is pending for it (or its process).

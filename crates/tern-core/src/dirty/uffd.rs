@@ -1,0 +1,325 @@
+//! [`UffdWpTracker`]: userfaultfd write-protect async + PAGEMAP_SCAN (see the module header of
+//! [`crate::dirty`] for the whole sequence).
+use super::{tracked, DirtyError, DirtyTracker, RangeSet};
+use crate::pidfd::PidFd;
+use crate::probe::DirtyTracking;
+use crate::proc::{Vma, VmaKind};
+use crate::ptrace::Tracer;
+use crate::sys::{Errno, Pid};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+// --- 6.7+ ABI not in the 6.1 headers -------------------------------------------------------------
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+pub(crate) const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+/// `_IOR(0xAA, 0x01, struct uffdio_range)`.
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFD_API: u64 = 0xaa;
+const UFFD_USER_MODE_ONLY: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// Regions per PAGEMAP_SCAN call: above 512 walk_end comes back stale (DESIGN.md).
+pub(crate) const SCAN_VEC_LEN: usize = 512;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct PageRegion {
+    pub start: u64,
+    pub end: u64,
+    pub categories: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct PmScanArg {
+    pub size: u64,
+    pub flags: u64,
+    pub start: u64,
+    pub end: u64,
+    pub walk_end: u64,
+    pub vec: u64,
+    pub vec_len: u64,
+    pub max_pages: u64,
+    pub category_inverted: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
+fn ioctl_ptr<T>(fd: i32, request: libc::c_ulong, arg: &mut T) -> Result<i32, Errno> {
+    // SAFETY: every request used here takes a pointer to exactly a `T` (the struct its ioctl
+    // number encodes), exclusively borrowed for the call.
+    Errno::result(unsafe { libc::ioctl(fd, request, arg as *mut T) })
+}
+
+/// One PAGEMAP_SCAN walk over `[start, end)` of an open pagemap, in calls of at most
+/// [`SCAN_VEC_LEN`] regions, continuing from walk_end while a call fills its vector. Every
+/// matching region is appended to `out`. Returns the number of ioctl calls.
+pub(crate) fn pagemap_scan(
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    flags: u64,
+    inverted: u64,
+    mask: u64,
+    out: &mut RangeSet,
+) -> Result<u32, Errno> {
+    let mut vec = [PageRegion::default(); SCAN_VEC_LEN];
+    let mut calls = 0;
+    let mut from = start;
+    while from < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags,
+            start: from,
+            end,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: SCAN_VEC_LEN as u64,
+            category_inverted: inverted,
+            category_mask: mask,
+            return_mask: mask,
+            ..Default::default()
+        };
+        let n = ioctl_ptr(pagemap, PAGEMAP_SCAN, &mut arg)? as usize;
+        calls += 1;
+        for r in &vec[..n.min(SCAN_VEC_LEN)] {
+            out.push(r.start, r.end);
+        }
+        if n < SCAN_VEC_LEN || arg.walk_end <= from {
+            break;
+        }
+        from = arg.walk_end;
+    }
+    Ok(calls)
+}
+
+/// The uffd-wp async backend.
+#[derive(Debug)]
+pub struct UffdWpTracker {
+    pid: Pid,
+    uffd: Option<OwnedFd>,
+    pagemap: Option<std::fs::File>,
+    /// Writable copied VMAs the kernel refused to register: reported whole every collect.
+    untracked: RangeSet,
+    /// PAGEMAP_SCAN calls and registrations of the last collect (for figures).
+    pub last_scan_calls: u32,
+    pub last_registered: u32,
+    /// The thread the remote syscalls run in (see [`injection_thread`]).
+    inject_tid: Option<crate::sys::Tid>,
+}
+
+/// The thread to inject into: one stopped outside any syscall if there is one, else one whose
+/// interrupted syscall does not restart through the restart block (-ERESTART_RESTARTBLOCK:
+/// nanosleep & co.; after an injection and an in-place thaw those come back EINTR on 6.18),
+/// else the tracer's default.
+pub fn injection_thread(threads: &[crate::ptrace::ThreadRegisters]) -> Option<crate::sys::Tid> {
+    const ERESTART_RESTARTBLOCK: i64 = 516;
+    let pick = threads
+        .iter()
+        .find(|t| !t.in_syscall)
+        .or_else(|| threads.iter().find(|t| t.regs.rax as i64 != -ERESTART_RESTARTBLOCK))?;
+    Some(crate::sys::Tid::from_raw(pick.tid))
+}
+
+impl UffdWpTracker {
+    pub fn new(pid: Pid) -> UffdWpTracker {
+        UffdWpTracker {
+            pid,
+            uffd: None,
+            pagemap: None,
+            untracked: RangeSet::new(),
+            last_scan_calls: 0,
+            last_registered: 0,
+            inject_tid: None,
+        }
+    }
+
+    fn sys(&self, what: impl Into<String>, errno: Errno) -> DirtyError {
+        DirtyError::Sys {
+            pid: self.pid,
+            what: what.into(),
+            errno,
+        }
+    }
+
+    fn remote(&self, tracer: &Tracer, what: &'static str, nr: i64, args: [u64; 6]) -> Result<i64, DirtyError> {
+        tracer.syscall_in(self.inject_tid, nr, args).map_err(|e| DirtyError::Remote {
+            pid: self.pid,
+            what,
+            detail: e.to_string(),
+        })
+    }
+
+    /// Registers every writable copied VMA (idempotent for ours); refused ones become untracked.
+    fn register_all(&mut self, vmas: &[Vma]) -> Result<(), DirtyError> {
+        let Some(uffd) = self.uffd.as_ref().map(|f| f.as_raw_fd()) else {
+            return Err(DirtyError::NotStarted { pid: self.pid });
+        };
+        let mut untracked = RangeSet::new();
+        let mut n = 0;
+        for v in vmas.iter().filter(|v| tracked(v)) {
+            let mut reg = UffdioRegister {
+                start: v.start,
+                len: v.end - v.start,
+                mode: UFFDIO_REGISTER_MODE_WP,
+                ioctls: 0,
+            };
+            n += 1;
+            match ioctl_ptr(uffd, UFFDIO_REGISTER, &mut reg) {
+                Ok(_) => {}
+                // Gone or changed since maps was read: report the range whole, reads tolerate it.
+                Err(_) => untracked.push(v.start, v.end),
+            }
+        }
+        self.last_registered = n;
+        self.untracked = untracked;
+        Ok(())
+    }
+
+    fn scan(&mut self, vmas: &[Vma]) -> Result<RangeSet, DirtyError> {
+        let pm = self
+            .pagemap
+            .as_ref()
+            .ok_or(DirtyError::NotStarted { pid: self.pid })?
+            .as_raw_fd();
+        let end = scan_end(vmas);
+        let mut out = RangeSet::new();
+        let calls = pagemap_scan(pm, 0, end, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, &mut out)
+            .map_err(|e| self.sys("PAGEMAP_SCAN(WP_MATCHING, WRITTEN)", e))?;
+        self.last_scan_calls = calls;
+        Ok(out)
+    }
+}
+
+/// The end of the user address space in use (page-aligned; [vsyscall] excluded).
+fn scan_end(vmas: &[Vma]) -> u64 {
+    vmas.iter()
+        .filter(|v| v.kind != VmaKind::Vsyscall)
+        .map(|v| v.end)
+        .max()
+        .unwrap_or(0)
+}
+
+impl DirtyTracker for UffdWpTracker {
+    fn kind(&self) -> DirtyTracking {
+        DirtyTracking::UffdWp
+    }
+
+    fn start(&mut self, tracer: &Tracer) -> Result<RangeSet, DirtyError> {
+        let pid = self.pid;
+        if !tracer.is_frozen() {
+            return Err(DirtyError::NotFrozen { pid, what: "creating the userfaultfd" });
+        }
+        if self.uffd.is_some() {
+            return Err(DirtyError::Other { pid, msg: "tracking already started".into() });
+        }
+        self.inject_tid = tracer.registers().ok().and_then(|t| injection_thread(&t));
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let mut fd = self.remote(tracer, "userfaultfd", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+        if fd == -i64::from(libc::EPERM) {
+            fd = self.remote(
+                tracer,
+                "userfaultfd(UFFD_USER_MODE_ONLY)",
+                libc::SYS_userfaultfd,
+                [flags | UFFD_USER_MODE_ONLY, 0, 0, 0, 0, 0],
+            )?;
+        }
+        if fd < 0 {
+            return Err(self.sys("remote userfaultfd()", Errno(-fd as i32)));
+        }
+        let stolen = PidFd::open(pid).and_then(|p| p.get_fd(fd as i32));
+        // Close the target's fd whatever happened: our duplicate (if any) keeps the ctx alive.
+        let closed = self.remote(tracer, "close(userfaultfd)", libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
+        let uffd = stolen.map_err(|e| DirtyError::Other { pid, msg: e.to_string() })?;
+        closed?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+            ioctls: 0,
+        };
+        ioctl_ptr(uffd.as_raw_fd(), UFFDIO_API, &mut api)
+            .map_err(|e| self.sys("UFFDIO_API(WP_ASYNC|WP_UNPOPULATED)", e))?;
+        self.uffd = Some(uffd);
+        let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|source| DirtyError::Io {
+            pid,
+            what: "open /proc/PID/pagemap".into(),
+            source,
+        })?;
+        self.pagemap = Some(pagemap);
+        let result = (|| {
+            let (vmas, full) = super::copied_ranges(pid)?;
+            self.register_all(&vmas)?;
+            self.scan(&vmas)?; // protects everything; round 0 sends all anyway
+            Ok(full)
+        })();
+        if result.is_err() {
+            let _ = self.stop(tracer);
+        }
+        result
+    }
+
+    fn collect(&mut self, _tracer: &Tracer) -> Result<RangeSet, DirtyError> {
+        let (vmas, _) = super::copied_ranges(self.pid)?;
+        self.register_all(&vmas)?;
+        let mut dirty = self.scan(&vmas)?;
+        dirty.extend(&self.untracked);
+        Ok(dirty)
+    }
+
+    fn stop(&mut self, _tracer: &Tracer) -> Result<(), DirtyError> {
+        let Some(uffd) = self.uffd.take() else {
+            return Ok(());
+        };
+        self.pagemap = None;
+        // Unregister what is ours (clears the wp bits); VMAs of nobody are skipped by the kernel.
+        if let Ok(vmas) = crate::proc::maps::read_maps(self.pid) {
+            for v in vmas.iter().filter(|v| v.kind != VmaKind::Vsyscall) {
+                let mut r = UffdioRange {
+                    start: v.start,
+                    len: v.end - v.start,
+                };
+                let _ = ioctl_ptr(uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r);
+            }
+        }
+        // Dropping the last reference releases the ctx, which unregisters anything left.
+        drop(uffd);
+        Ok(())
+    }
+}
+
+impl Drop for UffdWpTracker {
+    fn drop(&mut self) {
+        self.pagemap = None;
+        // The fd closes by itself; the kernel's release unregisters every VMA.
+    }
+}

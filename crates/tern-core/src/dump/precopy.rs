@@ -1,0 +1,539 @@
+//! Pre-copy on the source: pages move while the process runs, the freeze carries only the rest.
+//!
+//! ```text
+//!  PrecopySession::start(pid)   freeze; start dirty tracking (crate::dirty); a dry dump (image,
+//!        │                      no pages) measures the fixed switchover cost; thaw
+//!  round(sink) ×N               target RUNNING: send the pending set (round 0: every page of every
+//!        │                      copied VMA; pages may be torn, they are dirty and go again), then
+//!        │                      collect the dirty set = next pending. Measured per round: pages,
+//!        │                      bytes, elapsed, dirty rate, bandwidth, predicted downtime =
+//!        │                      pending bytes ÷ bandwidth + fixed cost (QEMU's expected downtime)
+//!  decide(history, options)     Converged (prediction under max-downtime) | NotShrinking (the
+//!        │                      pending set failed to shrink by 10 % twice) | RoundCap | Continue
+//!  finish(sink)                 FREEZE; collect the last dirty set; stop tracking (nothing left
+//!        │                      registered); dump = image + pages of pending ∪ last dirty set only;
+//!        │                      pages sent earlier that are gone since (unmapped and re-mapped,
+//!        │                      MADV_DONTNEED) are overwritten (zero marker / file content); the
+//!        ▼                      frozen process is then a cold SourceSession: commit | abort
+//! ```
+//! Every round is its own page stream into the same destination store (later pages win). Any
+//! failure before `finish` returns stops tracking and thaws the target: it runs on as before.
+use super::pages::{dump_pages, page_wanted, PassTrack};
+use super::{dump_selected, vma_image, DumpError, DumpStats, SessionError, SourceSession};
+use crate::dirty::{tracker_for, DirtyError, DirtyTracker, RangeSet};
+use crate::image::mm::VmaImage;
+use crate::image::ProcessImage;
+use crate::pages::{PageSink, PAGE_SIZE};
+use crate::probe::DirtyTracking;
+use crate::proc::VmaKind;
+use crate::ptrace::{FreezeError, ThawError, Tracer, TracerError};
+use crate::sys::Pid;
+use serde::Serialize;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Added to the measured setup freeze when no dry dump measured the image part of the final
+/// dump (inspection, registers, remote syscalls, fds): ~5-10 ms measured on the test fixtures.
+const IMAGE_ALLOWANCE_NS: u64 = 8_000_000;
+
+/// When to stop the rounds.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrecopyOptions {
+    /// Stop once the predicted downtime is under this.
+    pub max_downtime_ns: u64,
+    /// At most this many rounds (round 0 included).
+    pub max_rounds: u32,
+    /// The fixed switchover cost; `None`: measured by a dry dump at start.
+    pub fixed_cost_ns: Option<u64>,
+    /// A round "shrinks" when its pending set is under this fraction of the previous one.
+    pub shrink_ratio: f64,
+}
+
+impl Default for PrecopyOptions {
+    fn default() -> Self {
+        PrecopyOptions {
+            max_downtime_ns: 300_000_000,
+            max_rounds: 30,
+            fixed_cost_ns: None,
+            shrink_ratio: 0.9,
+        }
+    }
+}
+
+/// What one round did and what it predicts.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundStats {
+    pub round: u32,
+    /// Pages put into the round's stream (data + zero markers).
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes: u64,
+    /// Sending the round (read + sink + flush).
+    pub elapsed_ns: u64,
+    /// The dirty collect after the round (PAGEMAP_SCAN + re-protect, or pagemap + clear_refs).
+    pub scan_ns: u64,
+    /// The pending set after the round: what the next round (or the freeze) must send.
+    pub dirty_pages: u64,
+    pub dirty_bytes: u64,
+    /// Bytes written by the target per second since the previous collect.
+    pub dirty_rate_bps: f64,
+    /// Bytes per second the rounds have moved so far (cumulative: bytes ÷ send time).
+    pub bandwidth_bps: f64,
+    /// dirty bytes ÷ bandwidth + fixed cost.
+    pub predicted_downtime_ns: u64,
+    /// Pages whose read failed (VMA changed under us), carried into the pending set.
+    pub failed_pages: u64,
+}
+
+/// The convergence decision after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Continue,
+    Converged,
+    NotShrinking,
+    RoundCap,
+}
+
+/// QEMU-style convergence (pure): see the module header.
+pub fn decide(history: &[RoundStats], opts: &PrecopyOptions) -> Verdict {
+    let Some(last) = history.last() else {
+        return Verdict::Continue;
+    };
+    if last.predicted_downtime_ns <= opts.max_downtime_ns {
+        return Verdict::Converged;
+    }
+    if history.len() as u32 >= opts.max_rounds {
+        return Verdict::RoundCap;
+    }
+    let stalls = history
+        .windows(2)
+        .rev()
+        .take_while(|w| w[1].dirty_bytes as f64 >= w[0].dirty_bytes as f64 * opts.shrink_ratio)
+        .count();
+    if stalls >= 2 {
+        return Verdict::NotShrinking;
+    }
+    Verdict::Continue
+}
+
+/// A failed pre-copy step (the target was thawed and tracking removed, unless said otherwise).
+#[derive(Debug, thiserror::Error)]
+pub enum PrecopyError {
+    #[error(transparent)]
+    Tracer(#[from] TracerError),
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Thaw(#[from] ThawError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    #[error(transparent)]
+    Dump(#[from] DumpError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("pre-copy of pid {pid}: the page stream failed: {msg}")]
+    Sink { pid: Pid, msg: String },
+    #[error("pre-copy of pid {pid} is over (finished or aborted)")]
+    Over { pid: Pid },
+}
+
+/// What the final freeze produced: the frozen process (commit or abort as in cold mode), its
+/// image and what moved inside the freeze.
+#[derive(Debug)]
+pub struct PrecopyFinal {
+    pub session: SourceSession,
+    pub image: ProcessImage,
+    pub stats: DumpStats,
+    /// Pages of the final dirty set (pending ∪ written since the last round).
+    pub final_dirty_pages: u64,
+    /// Pages sent in a round whose content has gone since (overwritten in the final stream).
+    pub stale_pages: u64,
+    /// From the freeze to the end of the final dump (the engine's part of the downtime).
+    pub frozen_ns: u64,
+    pub rounds: Vec<RoundStats>,
+}
+
+/// Setup figures.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrecopySetup {
+    pub tracking: DirtyTracking,
+    /// The whole setup freeze (tracking start + dry dump).
+    pub frozen_ns: u64,
+    pub fixed_cost_ns: u64,
+    pub full_pages: u64,
+}
+
+/// A page sink that drops everything (the dry dump).
+struct NullSink;
+
+impl PageSink for NullSink {
+    type Error = std::convert::Infallible;
+    fn put_pages(&mut self, _: u64, _: &[u8]) -> Result<(), Self::Error> {
+        Ok(())
+    }
+    fn put_zero_pages(&mut self, _: u64, _: u64) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+fn ns(start: Instant) -> u64 {
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The source side of a pre-copy migration (see the module header).
+pub struct PrecopySession {
+    pid: Pid,
+    tracer: Option<Tracer>,
+    tracker: Box<dyn DirtyTracker>,
+    pending: RangeSet,
+    sent: RangeSet,
+    history: Vec<RoundStats>,
+    last_collect: Instant,
+    fixed_cost_ns: u64,
+    total_bytes: u64,
+    total_send_ns: u64,
+    setup: PrecopySetup,
+}
+
+impl std::fmt::Debug for PrecopySession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrecopySession")
+            .field("pid", &self.pid)
+            .field("rounds", &self.history.len())
+            .field("pending_pages", &self.pending.pages())
+            .finish()
+    }
+}
+
+impl PrecopySession {
+    /// Starts tracking with the backend the kernel supports (probed).
+    pub fn start(pid: Pid, fixed_cost_ns: Option<u64>) -> Result<PrecopySession, PrecopyError> {
+        let kind = crate::probe::probe_kernel().dirty_tracking;
+        PrecopySession::start_with(pid, kind, fixed_cost_ns, false)
+    }
+
+    /// Starts tracking with a chosen backend: freeze, start, (with `dry_dump`: a dump without
+    /// pages, to measure the fixed cost and refuse an undumpable process early), thaw.
+    pub fn start_with(
+        pid: Pid,
+        kind: DirtyTracking,
+        fixed_cost_ns: Option<u64>,
+        dry_dump: bool,
+    ) -> Result<PrecopySession, PrecopyError> {
+        let mut tracker = tracker_for(kind, pid)?;
+        let tracer = Tracer::new(pid)?;
+        let t0 = Instant::now();
+        tracer.freeze()?;
+        let started = (|| -> Result<(RangeSet, u64), PrecopyError> {
+            let full = tracker.start(&tracer)?;
+            let measured = match fixed_cost_ns {
+                Some(v) => v,
+                None if dry_dump => {
+                    // Everything the final dump does except pages (it injects into every
+                    // thread: see UffdWpTracker's injection_thread for why that is optional).
+                    let t = Instant::now();
+                    dump_selected(&tracer, &mut NullSink, Some(&RangeSet::new()))?;
+                    ns(t)
+                }
+                None => 0,
+            };
+            Ok((full, measured))
+        })();
+        let last_collect = Instant::now();
+        let (full, measured) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tracker.stop(&tracer);
+                let _ = tracer.thaw();
+                return Err(e);
+            }
+        };
+        let thawed = tracer.thaw();
+        let frozen_ns = ns(t0);
+        if let Err(e) = thawed {
+            let _ = tracker.stop(&tracer);
+            return Err(e.into());
+        }
+        // The fixed cost: given, or this setup freeze (a freeze, remote syscalls, a thaw; plus
+        // the dry dump when asked) and an allowance for the image the final dump builds.
+        let fixed = match fixed_cost_ns {
+            Some(v) => v,
+            None if dry_dump => frozen_ns,
+            None => frozen_ns + IMAGE_ALLOWANCE_NS,
+        };
+        let _ = measured;
+        Ok(PrecopySession {
+            pid,
+            tracer: Some(tracer),
+            setup: PrecopySetup {
+                tracking: kind,
+                frozen_ns,
+                fixed_cost_ns: fixed,
+                full_pages: full.pages(),
+            },
+            tracker,
+            pending: full,
+            sent: RangeSet::new(),
+            history: Vec::new(),
+            last_collect,
+            fixed_cost_ns: fixed,
+            total_bytes: 0,
+            total_send_ns: 0,
+        })
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    pub fn setup(&self) -> PrecopySetup {
+        self.setup
+    }
+
+    pub fn history(&self) -> &[RoundStats] {
+        &self.history
+    }
+
+    /// Pages the next round (or the freeze) must send.
+    pub fn pending_pages(&self) -> u64 {
+        self.pending.pages()
+    }
+
+    /// One round while the target runs: send the pending set into `sink`, `flush` it, collect
+    /// the next dirty set. On error the session is still usable for `abort`.
+    pub fn round<S: PageSink>(
+        &mut self,
+        sink: &mut S,
+        flush: impl FnOnce(&mut S) -> Result<(), String>,
+    ) -> Result<RoundStats, PrecopyError> {
+        let pid = self.pid;
+        let tracer = self.tracer.as_ref().ok_or(PrecopyError::Over { pid })?;
+        let t0 = Instant::now();
+        let pending = std::mem::take(&mut self.pending);
+        let mut track = PassTrack::default();
+        let vmas = running_vmas(pid, &mut track.failed)?;
+        let result = dump_pages(pid, &vmas, sink, Some(&pending), Some(&mut track))
+            .and_then(|s| flush(sink).map(|()| s).map_err(|msg| DumpError::Sink { pid, source: msg.into() }));
+        let stats = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.pending = pending; // nothing is known to have arrived
+                return Err(e.into());
+            }
+        };
+        let send_ns = ns(t0);
+        self.sent.extend(&track.sent);
+        let tc = Instant::now();
+        let dirty = self.tracker.collect(tracer)?;
+        let scan_ns = ns(tc);
+        let since = tc.duration_since(self.last_collect).as_secs_f64().max(1e-6);
+        self.last_collect = tc;
+        let failed_pages = track.failed.pages();
+        self.pending = dirty.union(&track.failed);
+        self.total_bytes += stats.bytes;
+        self.total_send_ns += send_ns;
+        let bandwidth = if self.total_bytes > 0 {
+            self.total_bytes as f64 / (self.total_send_ns.max(1) as f64 / 1e9)
+        } else {
+            1e9
+        };
+        let dirty_bytes = self.pending.bytes();
+        let round = RoundStats {
+            round: self.history.len() as u32,
+            pages: stats.data_pages + stats.zero_pages,
+            zero_pages: stats.zero_pages,
+            bytes: stats.bytes,
+            elapsed_ns: send_ns,
+            scan_ns,
+            dirty_pages: self.pending.pages(),
+            dirty_bytes,
+            dirty_rate_bps: dirty.bytes() as f64 / since,
+            bandwidth_bps: bandwidth,
+            predicted_downtime_ns: (dirty_bytes as f64 / bandwidth * 1e9) as u64 + self.fixed_cost_ns,
+            failed_pages,
+        };
+        self.history.push(round);
+        Ok(round)
+    }
+
+    /// The final freeze: last dirty set, tracking removed, image + final pages into `sink`.
+    /// On failure the target is thawed (it runs on) and the error returned.
+    pub fn finish<S: PageSink>(mut self, sink: &mut S) -> Result<PrecopyFinal, PrecopyError> {
+        let pid = self.pid;
+        let tracer = self.tracer.take().ok_or(PrecopyError::Over { pid })?;
+        let t0 = Instant::now();
+        let freeze = match tracer.freeze() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = self.tracker.stop(&tracer);
+                let _ = tracer.thaw();
+                return Err(e.into());
+            }
+        };
+        // The last dirty set and the end of tracking, inside the freeze.
+        let only = match self
+            .tracker
+            .collect(&tracer)
+            .and_then(|dirty| self.tracker.stop(&tracer).map(|()| dirty))
+        {
+            Ok(dirty) => self.pending.union(&dirty),
+            Err(e) => {
+                let _ = self.tracker.stop(&tracer);
+                let _ = tracer.thaw();
+                return Err(e.into());
+            }
+        };
+        // From here on the frozen process is a cold session (it parks the SIGSTOP).
+        let session = SourceSession::from_frozen(tracer, freeze)?;
+        let out = dump_selected(session.tracer(), sink, Some(&only)).and_then(|(image, stats)| {
+            let stale = overwrite_stale(pid, &image.mm.vmas, &self.sent, sink)?;
+            Ok((image, stats, stale))
+        });
+        match out {
+            Ok((image, stats, stale_pages)) => Ok(PrecopyFinal {
+                session,
+                image,
+                stats,
+                final_dirty_pages: only.pages(),
+                stale_pages,
+                frozen_ns: ns(t0),
+                rounds: std::mem::take(&mut self.history),
+            }),
+            Err(e) => {
+                let _ = session.abort();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The migration is off: tracking removed, the target runs on as before.
+    pub fn abort(mut self) -> Result<(), PrecopyError> {
+        let Some(tracer) = self.tracer.take() else {
+            return Ok(());
+        };
+        let stopped = self.tracker.stop(&tracer);
+        if tracer.is_frozen() {
+            tracer.thaw()?;
+        }
+        Ok(stopped?)
+    }
+}
+
+impl Drop for PrecopySession {
+    fn drop(&mut self) {
+        if let Some(tracer) = self.tracer.take() {
+            let _ = self.tracker.stop(&tracer);
+            if tracer.is_frozen() {
+                let _ = tracer.thaw();
+            }
+        }
+    }
+}
+
+/// The VMAs of a running target as the dump describes them; a VMA that cannot be described
+/// right now (its file went away under us) goes to `failed` and is retried later.
+fn running_vmas(pid: Pid, failed: &mut RangeSet) -> Result<Vec<VmaImage>, PrecopyError> {
+    let vmas = crate::proc::maps::read_maps(pid).map_err(|e| DirtyError::Other {
+        pid,
+        msg: e.to_string(),
+    })?;
+    let mut out = Vec::with_capacity(vmas.len());
+    for v in &vmas {
+        match vma_image(pid, v) {
+            Ok(img) => out.push(img),
+            Err(_) => failed.push(v.start, v.end),
+        }
+    }
+    Ok(out)
+}
+
+/// Pages sent in a round that the final image no longer wants (unmapped and re-created,
+/// MADV_DONTNEED, a private file page back to the file's content): a zero marker in anonymous
+/// memory, the current content in a file mapping, so the destination's store holds no stale data.
+fn overwrite_stale<S: PageSink>(
+    pid: Pid,
+    vmas: &[VmaImage],
+    sent: &RangeSet,
+    sink: &mut S,
+) -> Result<u64, DumpError> {
+    let io = |what: &str, source| DumpError::Io { pid, what: what.into(), source };
+    let sink_err = |e: S::Error| DumpError::Sink { pid, source: Box::new(e) };
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| io("open pagemap", e))?;
+    let mut count = 0u64;
+    let window = 16 * 1024u64;
+    let mut raw = vec![0u8; window as usize * 8];
+    for vma in vmas.iter().filter(|v| v.has_dumpable_pages()) {
+        for (s, e) in sent.intersect_range(vma.start, vma.end) {
+            let mut addr = s;
+            while addr < e {
+                let n = ((e - addr) / PAGE).min(window);
+                let buf = &mut raw[..n as usize * 8];
+                pagemap.read_exact_at(buf, addr / PAGE * 8).map_err(|e| io("read pagemap", e))?;
+                let mut zero_run: Option<(u64, u64)> = None;
+                for i in 0..n {
+                    let pm = u64::from_le_bytes(buf[i as usize * 8..i as usize * 8 + 8].try_into().unwrap_or_default());
+                    let page = addr + i * PAGE;
+                    let stale = !page_wanted(vma, pm);
+                    if stale && vma.kind != VmaKind::File {
+                        zero_run = match zero_run {
+                            Some((z, c)) if z + c * PAGE == page => Some((z, c + 1)),
+                            Some((z, c)) => {
+                                sink.put_zero_pages(z, c).map_err(sink_err)?;
+                                Some((page, 1))
+                            }
+                            None => Some((page, 1)),
+                        };
+                    } else if stale {
+                        let data = crate::remote::read_memory(pid, page, PAGE_SIZE)
+                            .map_err(|source| DumpError::Memory { pid, source })?;
+                        sink.put_pages(page, &data).map_err(sink_err)?;
+                    }
+                    count += u64::from(stale);
+                }
+                if let Some((z, c)) = zero_run {
+                    sink.put_zero_pages(z, c).map_err(sink_err)?;
+                }
+                addr += n * PAGE;
+            }
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(dirty_mib: u64, predicted_ms: u64) -> RoundStats {
+        RoundStats {
+            dirty_bytes: dirty_mib << 20,
+            predicted_downtime_ns: predicted_ms * 1_000_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn convergence_like_qemu() {
+        let o = PrecopyOptions {
+            max_downtime_ns: 100_000_000,
+            max_rounds: 5,
+            ..Default::default()
+        };
+        assert_eq!(decide(&[], &o), Verdict::Continue);
+        assert_eq!(decide(&[r(256, 500)], &o), Verdict::Continue);
+        assert_eq!(decide(&[r(256, 500), r(8, 90)], &o), Verdict::Converged);
+        // Shrinking well: go on.
+        assert_eq!(decide(&[r(256, 500), r(100, 300), r(50, 200)], &o), Verdict::Continue);
+        // One stall is tolerated, two are not.
+        assert_eq!(decide(&[r(256, 500), r(100, 300), r(95, 290)], &o), Verdict::Continue);
+        assert_eq!(decide(&[r(256, 500), r(100, 300), r(95, 290), r(99, 295)], &o), Verdict::NotShrinking);
+        // Cap.
+        let five = [r(256, 500), r(128, 400), r(64, 300), r(32, 200), r(16, 150)];
+        assert_eq!(decide(&five, &o), Verdict::RoundCap);
+    }
+}
