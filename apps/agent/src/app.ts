@@ -40,6 +40,7 @@ import type { AgentConfig } from './config.js';
 import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine } from './engine.js';
 import { destinationBlockers } from './readiness.js';
 import { AgentSession, SessionTable } from './sessions.js';
+import { lockNetwork, unlockNetwork } from './network.js';
 
 export interface AgentApp {
   app: FastifyInstance;
@@ -246,6 +247,9 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         const handle = await countOp('open', () => engine.openSource(pid));
         session.source = handle;
         if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
+        // Network lock (network.ts): the process's TCP connections go silent here until commit
+        // or rollback, so the source kernel neither ACKs nor resets while they move.
+        await lockNetwork(id, pid);
         session.frozenAt = process.hrtime.bigint();
         const freeze = await countOp('freeze', () => handle.freeze());
         if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
@@ -271,6 +275,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       } catch (err) {
         if (isUnavailable(err) && !session.source) {
           sessions.delete(id); // nothing was touched: no trace of this migration
+          await unlockNetwork(id).catch(() => {});
           refreshActive();
           throw err;
         }
@@ -283,6 +288,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
           } catch (undoErr) {
             session.set('failed', `${(err as Error).message}; and putting the original back failed: ${(undoErr as Error).message}`);
           }
+          await unlockNetwork(id).catch(() => {});
           metrics.migrationRolesTotal.inc({ role: 'source', outcome: 'failed' });
           refreshActive();
         }
@@ -308,6 +314,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       await countOp('commit', async () => {
         if (session.role === 'source') {
           await session.source!.commit();
+          await unlockNetwork(id);
           if (session.frozenAt !== null) metrics.freezeSeconds.observe({ role: 'source' }, Number(process.hrtime.bigint() - session.frozenAt) / 1e9);
           await session.source!.close?.();
         } else {
@@ -340,6 +347,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         await pending.catch(() => {});
       }
       await countOp('abort', () => session.undo());
+      await unlockNetwork(id).catch(() => {});
       session.set('aborted');
       if (!wasFailed) metrics.migrationRolesTotal.inc({ role: session.role, outcome: 'aborted' });
       if (session.frozenAt !== null) metrics.freezeSeconds.observe({ role: 'source' }, Number(process.hrtime.bigint() - session.frozenAt) / 1e9);
