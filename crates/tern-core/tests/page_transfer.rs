@@ -408,7 +408,10 @@ fn later_streams_merge_into_the_same_store() {
 #[test]
 fn shutdown_breaks_an_active_stream_and_joins() {
     let (srv, id, token) = server();
-    let mut tx = PageSender::connect(srv.local_addr(), id, token, Default::default()).unwrap();
+    // A bounded wait for the STATUS: whichever way the broken stream shows itself (reset, EOF or
+    // no answer), the sender must report an error, and the test must not sit on the default 60 s.
+    let opts = SenderOptions { io_timeout: Duration::from_secs(5), ..Default::default() };
+    let mut tx = PageSender::connect(srv.local_addr(), id, token, opts).unwrap();
     tx.put_pages(0x1000, &patterned(4 * MIB, 11)).unwrap();
     let t0 = Instant::now();
     srv.shutdown();
