@@ -400,7 +400,10 @@ pub fn image_regs(saved: &libc::user_regs_struct, signal_pending: bool) -> libc:
         let eintr_on_stop = rax == i64::from(-libc::EINTR)
             && remote::fails_with_eintr_on_stop(nr)
             && !signal_pending;
-        if rax == -remote::ERESTART_RESTARTBLOCK || eintr_on_stop {
+        // A thread already inside restart_syscall cannot be re-executed: the call it restarts
+        // lives in the source kernel's restart block. It gets -EINTR (CRIU's rule).
+        let restartable_block = rax == -remote::ERESTART_RESTARTBLOCK && nr != libc::SYS_restart_syscall;
+        if restartable_block || eintr_on_stop {
             out.rax = saved.orig_rax;
             out.rip = saved.rip.wrapping_sub(remote::SYSCALL_INSN_LEN);
         }

@@ -208,6 +208,14 @@ pub fn fails_with_eintr_on_stop(nr: i64) -> bool {
 ///
 /// - `injected`: we ran syscalls in it, so it leaves a syscall-exit stop where the kernel applies
 ///   no restart logic: apply [`resume_fixup`] ourselves.
+/// - A call interrupted with `-ERESTART_RESTARTBLOCK` (nanosleep, clock_nanosleep, futex and poll
+///   with a timeout) is re-executed from its start (`rax = orig_rax, rip -= 2`), injected or not,
+///   instead of being left to the kernel's `restart_syscall`: a thread parked in restart_syscall
+///   can never be moved (its restart block stays in the source kernel; a later dump could only
+///   hand it EINTR), so a freeze must not leave one behind. Known deviation, the same as for a
+///   restored process: a relative timeout restarts from its full length. A thread that was
+///   already in restart_syscall (an earlier job-control stop), or one about to take a signal
+///   (whose handler must see EINTR), keeps the kernel's restart.
 /// - A syscall from [`fails_with_eintr_on_stop`] that returned `-EINTR` because of our interrupt
 ///   is re-executed (`rax = orig_rax, rip -= 2`), unless `signal_pending` says a deliverable signal
 ///   is waiting: then the EINTR is genuine (a handler is about to run) and is kept. Known
@@ -219,8 +227,11 @@ pub fn thaw_regs(saved: &Regs, injected: bool, signal_pending: bool) -> Option<R
         *saved
     };
     let eintr = saved.rax as i64 == i64::from(-libc::EINTR);
+    let restart_block = saved.rax as i64 == -ERESTART_RESTARTBLOCK;
     if let Some(nr) = interrupted_syscall(saved) {
-        if eintr && fails_with_eintr_on_stop(nr) && !signal_pending {
+        let reexecute = (eintr && fails_with_eintr_on_stop(nr) && !signal_pending)
+            || (restart_block && nr != libc::SYS_restart_syscall && !signal_pending);
+        if reexecute {
             out.rax = saved.orig_rax;
             out.rip = saved.rip.wrapping_sub(SYSCALL_INSN_LEN);
         }
@@ -417,6 +428,17 @@ mod tests {
         let sleep = in_syscall(libc::SYS_nanosleep, -ERESTART_RESTARTBLOCK);
         let t = thaw_regs(&sleep, true, true).unwrap();
         assert_eq!((t.rax, t.rip), (libc::SYS_restart_syscall as u64, 0x401000));
+        // A sleep cut by the freeze alone is re-executed, injected or not: no thread is ever left
+        // in restart_syscall by a freeze (such a thread could not be migrated later).
+        for injected in [false, true] {
+            let t = thaw_regs(&sleep, injected, false).unwrap();
+            assert_eq!((t.rax, t.rip), (libc::SYS_nanosleep as u64, 0x401000));
+        }
+        // A signal about to be handled: the kernel's own restart (EINTR for a handler) stays.
+        assert!(thaw_regs(&sleep, false, true).is_none());
+        // Already inside restart_syscall: only the kernel can restart it, in place.
+        let restarting = in_syscall(libc::SYS_restart_syscall, -ERESTART_RESTARTBLOCK);
+        assert!(thaw_regs(&restarting, false, false).is_none());
         // epoll_wait's EINTR caused by the freeze: re-execute, injected or not.
         let ep = in_syscall(libc::SYS_epoll_wait, i64::from(-libc::EINTR));
         for injected in [false, true] {
