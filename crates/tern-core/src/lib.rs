@@ -14,6 +14,7 @@
 //! - [`pages`]: page sinks and the page store; the page transfer protocol.
 //! - [`files`]: dump and recreate each kind of open file.
 //! - [`restore`]: rebuild a process from an image with the same pid.
+//! - [`uapi`]: kernel ABI newer than this machine's headers (PAGEMAP_SCAN, userfaultfd).
 
 pub mod check;
 pub mod dirty;
@@ -28,3 +29,4 @@ pub mod ptrace;
 pub mod remote;
 pub mod restore;
 pub mod sys;
+pub mod uapi;

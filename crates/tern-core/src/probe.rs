@@ -25,6 +25,11 @@
 use crate::pidfd::PidFd;
 use crate::ptrace;
 use crate::sys::{Errno, Pid};
+use crate::uapi::{
+    PageRegion, PmScanArg, UffdioApi, UffdioRegister, PAGEMAP_SCAN, PAGE_IS_PRESENT, PAGE_IS_WRITTEN,
+    PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, UFFDIO_API, UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_WP, UFFD_API,
+    UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED,
+};
 use serde::Serialize;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -33,21 +38,7 @@ use std::time::Instant;
 // --- 6.7+ ABI not in the 6.1 headers --------------------------------------------------------
 
 const PAGE: usize = 4096;
-/// `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-const UFFD_API: u64 = 0xaa;
 const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const TCP_REPAIR: libc::c_int = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_CHECKPOINT_RESTORE: u32 = 40;
@@ -72,48 +63,6 @@ const UFFD_FEATURE_NAMES: [&str; 17] = [
     "wp-async",
     "move",
 ];
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
 
 // --- report ---------------------------------------------------------------------------------
 

@@ -6,75 +6,15 @@ use crate::probe::DirtyTracking;
 use crate::proc::{Vma, VmaKind};
 use crate::ptrace::Tracer;
 use crate::sys::{Errno, Pid};
+pub(crate) use crate::uapi::{PageRegion, PmScanArg, PAGEMAP_SCAN, PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING};
+use crate::uapi::{
+    UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_WP,
+    UFFDIO_UNREGISTER, UFFD_API, UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY,
+};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-// --- 6.7+ ABI not in the 6.1 headers -------------------------------------------------------------
-/// `_IOWR('f', 16, struct pm_scan_arg)`.
-pub(crate) const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
-pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
-pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
-const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-/// `_IOR(0xAA, 0x01, struct uffdio_range)`.
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
-const UFFD_API: u64 = 0xaa;
-const UFFD_USER_MODE_ONLY: u64 = 1;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 /// Regions per PAGEMAP_SCAN call: above 512 walk_end comes back stale (DESIGN.md).
 pub(crate) const SCAN_VEC_LEN: usize = 512;
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default, Debug)]
-pub(crate) struct PageRegion {
-    pub start: u64,
-    pub end: u64,
-    pub categories: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub(crate) struct PmScanArg {
-    pub size: u64,
-    pub flags: u64,
-    pub start: u64,
-    pub end: u64,
-    pub walk_end: u64,
-    pub vec: u64,
-    pub vec_len: u64,
-    pub max_pages: u64,
-    pub category_inverted: u64,
-    pub category_mask: u64,
-    pub category_anyof_mask: u64,
-    pub return_mask: u64,
-}
 
 fn ioctl_ptr<T>(fd: i32, request: libc::c_ulong, arg: &mut T) -> Result<i32, Errno> {
     // SAFETY: every request used here takes a pointer to exactly a `T` (the struct its ioctl

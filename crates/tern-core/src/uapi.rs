@@ -1,0 +1,93 @@
+//! Linux UAPI the engine uses that the 6.1 headers (and the libc crate) here lack: PAGEMAP_SCAN
+//! (Linux 6.7) and the userfaultfd ioctls, structs and feature bits. One definition, used by the
+//! kernel probe and by the dirty tracker; values from include/uapi/linux/fs.h and userfaultfd.h.
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+pub const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+pub const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+pub const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+/// `_IOR(0xAA, 0x01, struct uffdio_range)`.
+pub const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+pub const UFFD_API: u64 = 0xaa;
+/// userfaultfd(2) flag: handle user-mode faults only (no CAP_SYS_PTRACE needed for it).
+pub const UFFD_USER_MODE_ONLY: u64 = 1;
+pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+/// `struct uffdio_api`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioApi {
+    pub api: u64,
+    pub features: u64,
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_register`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioRegister {
+    pub start: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub ioctls: u64,
+}
+
+/// `struct uffdio_range`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioRange {
+    pub start: u64,
+    pub len: u64,
+}
+
+/// `struct page_region`: one run of pages PAGEMAP_SCAN reports.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct PageRegion {
+    pub start: u64,
+    pub end: u64,
+    pub categories: u64,
+}
+
+/// `struct pm_scan_arg`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct PmScanArg {
+    pub size: u64,
+    pub flags: u64,
+    pub start: u64,
+    pub end: u64,
+    pub walk_end: u64,
+    pub vec: u64,
+    pub vec_len: u64,
+    pub max_pages: u64,
+    pub category_inverted: u64,
+    pub category_mask: u64,
+    pub category_anyof_mask: u64,
+    pub return_mask: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_sizes_match_the_ioctl_numbers() {
+        // _IOC_SIZE is bits 16..30 of the request.
+        let size = |req: libc::c_ulong| ((req >> 16) & 0x3fff) as usize;
+        assert_eq!(size(PAGEMAP_SCAN), std::mem::size_of::<PmScanArg>());
+        assert_eq!(size(UFFDIO_API), std::mem::size_of::<UffdioApi>());
+        assert_eq!(size(UFFDIO_REGISTER), std::mem::size_of::<UffdioRegister>());
+        assert_eq!(size(UFFDIO_UNREGISTER), std::mem::size_of::<UffdioRange>());
+        assert_eq!(std::mem::size_of::<PageRegion>(), 24);
+    }
+}
