@@ -1,5 +1,7 @@
 //! Cold migration on one host: dump a live process, kill it, restore it with the same pid (and
 //! tids) from the image and the pages, and let it prove it is intact (tests/cold/fixture.c).
+mod support;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -13,28 +15,12 @@ use tern_core::restore::{self, RestoreError, RestoreOptions};
 use tern_core::sys::Pid;
 
 fn tmp() -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cold-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    support::scratch_dir("cold")
 }
 
 fn fixture_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cold-fixture");
-        let partial = tmp().join("fixture.partial");
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/cold/fixture.c");
-        let ok = Command::new("cc")
-            .args(["-O2", "-pthread", "-Wall", "-o"])
-            .arg(&partial)
-            .arg(src)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "compiling {src}");
-        std::fs::rename(&partial, &out).unwrap();
-        out
-    })
+    BIN.get_or_init(|| support::build_fixture("cold/fixture.c", "cold-fixture"))
 }
 
 /// A process of ours, killed and reaped by pid on drop (the original, then the restored copy).

@@ -1,6 +1,8 @@
 //! Pre-copy: dirty tracking exactness against the fixture's own log, VMA churn during tracking,
 //! clean removal of tracking, and pre-copy rounds into a page store + restore with the memory
 //! verified by the process itself (tests/precopy/fixture.c, test/workloads memcheck).
+mod support;
+
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -20,22 +22,12 @@ use tern_core::sys::Pid;
 const PAGE: u64 = 4096;
 
 fn tmp() -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("precopy-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    support::scratch_dir("precopy")
 }
 
 fn fixture_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("precopy-fixture");
-        let partial = tmp().join("fixture.partial");
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/precopy/fixture.c");
-        let ok = Command::new("cc").args(["-O2", "-Wall", "-o"]).arg(&partial).arg(src).status().unwrap().success();
-        assert!(ok, "compiling {src}");
-        std::fs::rename(&partial, &out).unwrap();
-        out
-    })
+    BIN.get_or_init(|| support::build_fixture("precopy/fixture.c", "precopy-fixture"))
 }
 
 /// A process of ours, killed and reaped by pid on drop.

@@ -1,5 +1,7 @@
 //! "Never run twice": a frozen source stays frozen if the agent dies (parked SIGSTOP), and an
 //! abort consumes that SIGSTOP without a trace (tests/source_safety/fixture.c, memcheck).
+mod support;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
@@ -15,29 +17,12 @@ use tern_core::sys::Pid;
 const HELPER_ENV: &str = "TERN_SOURCE_SAFETY_HELPER_PID";
 
 fn tmp() -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("source-safety-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    support::scratch_dir("source-safety")
 }
 
 fn fixture_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("source-safety-fixture");
-        let partial = tmp().join("fixture.partial");
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/source_safety/fixture.c");
-        let ok = Command::new("cc")
-            .args(["-O2", "-pthread", "-Wall", "-o"])
-            .arg(&partial)
-            .arg(src)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "compiling {src}");
-        std::fs::rename(&partial, &out).unwrap();
-        out
-    })
+    BIN.get_or_init(|| support::build_fixture("source_safety/fixture.c", "source-safety-fixture"))
 }
 
 /// A process this test started; SIGCONTed, SIGKILLed and reaped by pid on drop.

@@ -11,6 +11,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tern_core::sys::Pid;
 
+#[path = "../support/mod.rs"]
+mod support;
+
 pub const READ: usize = 0;
 pub const EPOLL: usize = 1;
 pub const NANOSLEEP: usize = 2;
@@ -23,23 +26,8 @@ fn scratch_root() -> PathBuf {
 
 fn binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // One binary per test crate, rebuilt each run; built under a private name and renamed
-        // into place so concurrent runs never execute a half-written file.
-        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-        let out = tmp.join(concat!("tracee-", env!("CARGO_CRATE_NAME")));
-        let partial = tmp.join(format!("tracee-{}.partial", std::process::id()));
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tracee/tracee.c");
-        let status = Command::new("cc")
-            .args(["-O2", "-pthread", "-Wall", "-o"])
-            .arg(&partial)
-            .arg(src)
-            .status()
-            .expect("run cc");
-        assert!(status.success(), "compiling {src} failed");
-        std::fs::rename(&partial, &out).unwrap();
-        out
-    })
+    // One binary per test crate (two test binaries include this module).
+    BIN.get_or_init(|| support::build_fixture("tracee/tracee.c", concat!("tracee-", env!("CARGO_CRATE_NAME"))))
 }
 
 #[derive(Debug, Clone, Copy)]
