@@ -40,7 +40,7 @@ import type { AgentConfig } from './config.js';
 import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine } from './engine.js';
 import { destinationBlockers } from './readiness.js';
 import { AgentSession, SessionTable } from './sessions.js';
-import { lockNetwork, unlockNetwork } from './network.js';
+import { AddressHandoff, NetworkLock, parseServiceAddress, formatServiceAddress, unlockNetwork, type HandoffDetails } from './network.js';
 
 export interface AgentApp {
   app: FastifyInstance;
@@ -83,6 +83,12 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
   const engine = opts.engine ?? nativeMigrationEngine();
   // With the default engine, a build without the migration glue is refused before anything is touched.
   const missing = () => (opts.engine ? [] : missingNativeFunctions());
+  const handoff = new AddressHandoff({
+    serviceAddresses: config.serviceAddresses ?? [],
+    ...(config.addressDev !== undefined && { dev: config.addressDev }),
+    ...(config.addressHook !== undefined && { hook: config.addressHook }),
+  });
+  const ownServiceAddresses = new Set((config.serviceAddresses ?? []).map((a) => formatServiceAddress(parseServiceAddress(a))));
 
   app.addHook('onRequest', bearerAuth(config.clusterToken, new Set(['/healthz'])));
   app.addHook('onResponse', async (request, reply) => {
@@ -200,9 +206,33 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       if (session.state !== 'prepared') throw new HttpError(409, 'conflict', `migration ${id} is ${session.state} here, not prepared`);
       const server = session.pageServer;
       if (!server) throw new HttpError(409, 'conflict', `migration ${id} has no page server here`);
+      const addresses = (request.body.addresses ?? []).map((a) => {
+        try {
+          return formatServiceAddress(parseServiceAddress(a));
+        } catch (err) {
+          throw new HttpError(400, 'bad-request', `body/addresses: ${(err as Error).message}`);
+        }
+      });
+      // Only addresses this host is configured to serve may be put on it (a hook decides for itself).
+      const foreign = config.addressHook ? [] : addresses.filter((a) => !ownServiceAddresses.has(a));
+      if (foreign.length) {
+        throw new HttpError(422, 'address-handoff', `${foreign.join(', ')} ${foreign.length > 1 ? 'are' : 'is'} not among this host's service addresses (${[...ownServiceAddresses].join(', ') || 'none configured'})`);
+      }
       session.set('restoring');
       const image = Buffer.from(request.body.image, 'base64');
-      const call = countOp('restore', () => engine.restore(image, server));
+      const details: HandoffDetails = { migrationId: id, pid: session.pid, from: request.body.from ?? '', to: request.body.to ?? config.name };
+      const call = countOp('restore', async () => {
+        if (addresses.length || config.addressHook) {
+          // Recorded before the claim: a claim that fails half-way is still given back by undo().
+          session.handoff = { addresses, giveBack: () => handoff.release(addresses, 'destination', details) };
+          try {
+            await handoff.claim(addresses, 'destination', details);
+          } catch (err) {
+            throw new HttpError(422, 'address-handoff', (err as Error).message);
+          }
+        }
+        return await engine.restore(image, server);
+      });
       session.inFlight = call;
       try {
         const report = await call;
@@ -238,6 +268,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
     async (request): Promise<SourceResponse> => {
       const { id } = request.params;
       const { pid, destination, bandwidthBytesPerSec } = request.body;
+      const details: HandoffDetails = { migrationId: id, pid, from: request.body.from ?? config.name, to: request.body.to ?? '' };
       if (sessions.get(id)) throw new HttpError(409, 'conflict', `migration ${id} already has a session on this agent`);
       if (missing().length) throw new EngineUnavailableError(missing());
       const session = new AgentSession(id, 'source', pid, 'freezing');
@@ -249,15 +280,30 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
         // Network lock (network.ts): the process's TCP connections go silent here until commit
         // or rollback, so the source kernel neither ACKs nor resets while they move.
-        await lockNetwork(id, pid);
+        const lock = new NetworkLock(id, pid);
+        await lock.lock();
         session.frozenAt = process.hrtime.bigint();
         const freeze = await countOp('freeze', () => handle.freeze());
+        // Connections accepted between the lock and the freeze: the process is stopped, the set is final.
+        await lock.extend();
         if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
         session.set('dumping');
         const out = await countOp('dump', () => handle.dump({ ...destination, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) }));
         const frozenMs = Number(process.hrtime.bigint() - session.frozenAt) / 1e6;
         if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
         const result = Buffer.isBuffer(out) ? { image: out } : out;
+        // Address handoff: the service addresses the original serves on leave this host now; the
+        // destination claims them before it restores (its sockets are bound to them).
+        const addresses = await handoff.addressesOf(pid);
+        if (addresses.length || config.addressHook) {
+          session.handoff = { addresses, giveBack: () => handoff.claim(addresses, 'source', details) };
+          try {
+            await handoff.release(addresses, 'source', details);
+          } catch (err) {
+            throw new HttpError(422, 'address-handoff', (err as Error).message);
+          }
+        }
+        if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
         session.set('dumped');
         if (result.transfer) metrics.pageBytesTotal.inc({ direction: 'sent' }, result.transfer.wireBytes);
         return {
@@ -267,6 +313,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
           frozenMs,
           dump: { ...(result.dump ?? {}) },
           transfer: { ...(result.transfer ?? {}) },
+          addresses,
         } satisfies SourceResponse;
       })();
       session.inFlight = work;

@@ -1,8 +1,11 @@
 /**
  * Agent configuration: a JSON file named by `tern-agent --config FILE`, overridable by environment
- * (TERN_AGENT_NAME, TERN_AGENT_LISTEN, TERN_AGENT_PORT, TERN_AGENT_ADVERTISE, TERN_CLUSTER_TOKEN) so systemd's environment file works.
+ * (TERN_AGENT_NAME, TERN_AGENT_LISTEN, TERN_AGENT_PORT, TERN_AGENT_ADVERTISE, TERN_CLUSTER_TOKEN,
+ * TERN_SERVICE_ADDRESSES, TERN_ADDRESS_DEV, TERN_ADDRESS_HOOK) so systemd's environment file works.
  */
 import { readFileSync } from 'node:fs';
+import { isAbsolute } from 'node:path';
+import { parseServiceAddress } from './network.js';
 
 export interface AgentConfig {
   /** Host name as the coordinator knows it (hostA, ...). */
@@ -13,6 +16,15 @@ export interface AgentConfig {
   clusterToken: string;
   /** Address the page server is reached at when `listen` is a wildcard (TERN_AGENT_ADVERTISE). */
   advertise?: string;
+  /**
+   * Addresses (address/prefix) that move with the processes serving on them: released here when
+   * such a process leaves, added here when one arrives (TERN_SERVICE_ADDRESSES, comma-separated).
+   */
+  serviceAddresses?: string[];
+  /** Device the service addresses are added on; default: the one the kernel routes them through. */
+  addressDev?: string;
+  /** Absolute path of a script that moves the addresses instead of the built-in handler. */
+  addressHook?: string;
 }
 
 export class ConfigError extends Error {
@@ -38,6 +50,26 @@ export function loadAgentConfig(file: string | undefined, env: NodeJS.ProcessEnv
   if (advertise !== undefined) {
     if (typeof advertise !== 'string') throw new ConfigError('advertise must be a string');
     Object.assign(config, { advertise });
+  }
+  const services = env.TERN_SERVICE_ADDRESSES !== undefined ? env.TERN_SERVICE_ADDRESSES.split(',').filter((x) => x.trim() !== '') : (raw.serviceAddresses ?? []);
+  if (!Array.isArray(services) || services.some((x) => typeof x !== 'string')) throw new ConfigError('serviceAddresses must be a list of address/prefix strings');
+  for (const a of services as string[]) {
+    try {
+      parseServiceAddress(a);
+    } catch (err) {
+      throw new ConfigError(`serviceAddresses: ${(err as Error).message}`);
+    }
+  }
+  Object.assign(config, { serviceAddresses: (services as string[]).map((a) => a.trim()) });
+  const dev = env.TERN_ADDRESS_DEV ?? raw.addressDev;
+  if (dev !== undefined) {
+    if (typeof dev !== 'string' || !/^[A-Za-z0-9_.:@-]{1,15}$/.test(dev)) throw new ConfigError('addressDev must be a network device name');
+    Object.assign(config, { addressDev: dev });
+  }
+  const hook = env.TERN_ADDRESS_HOOK ?? raw.addressHook;
+  if (hook !== undefined) {
+    if (typeof hook !== 'string' || !isAbsolute(hook)) throw new ConfigError('addressHook must be an absolute path to an executable');
+    Object.assign(config, { addressHook: hook });
   }
   if (typeof config.clusterToken !== 'string' || config.clusterToken.length < 16) {
     throw new ConfigError('clusterToken (or TERN_CLUSTER_TOKEN) must be set to at least 16 characters');

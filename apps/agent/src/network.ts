@@ -2,15 +2,18 @@
  * Network side of a migration, run by the agent in its own network namespace (a lab host, or the
  * real host):
  *
- * - Network lock. From just before the freeze until commit (or rollback) the source host drops the
- *   migrating process's TCP traffic, both directions, with an nftables table of our own per
- *   migration, `inet tern-<id>`, one rule per connection 4-tuple. Its kernel then neither ACKs
- *   data the destination will own nor answers with a RST; the peer just retransmits. Removed on
- *   commit and on every failure path ({@link unlockNetwork} is idempotent); {@link ternTables}
- *   lists what is left, for tests and for the agent's start-up sweep.
- * - Address handoff: {@link releaseAddress} / {@link claimAddress} (ip addr del/add + gratuitous
- *   ARP or unsolicited NA) for plain Linux hosts and the lab, and {@link runAddressHook}, which
- *   runs a user's script with the migration's details in its environment (keepalived, BGP, cloud).
+ * - Network lock ({@link NetworkLock}). From just before the freeze until commit (or rollback) the
+ *   source host drops the migrating process's TCP traffic, both directions, with an nftables table
+ *   of our own per migration, `inet tern-<id>`, one rule per connection 4-tuple (connections made
+ *   between the lock and the freeze are added right after the freeze). Its kernel then neither
+ *   ACKs data the destination will own nor answers with a RST; the peer just retransmits. Removed
+ *   on commit and on every failure path ({@link unlockNetwork} is idempotent); the table's comment
+ *   names its agent, so an agent starting after a crash removes what a dead agent left
+ *   ({@link sweepLockTables}).
+ * - Address handoff ({@link AddressHandoff}): the service address leaves the source host after the
+ *   freeze and is added on the destination host before the restore, announced by gratuitous ARP /
+ *   unsolicited NA; undone in the opposite order on rollback. A user's hook script replaces the
+ *   built-in ip(8) handler for networks where addresses move otherwise (keepalived, BGP, a cloud).
  */
 import { execFile, spawn } from 'node:child_process';
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
@@ -26,6 +29,15 @@ export interface TcpTuple {
   remotePort: number;
 }
 
+/** One TCP socket of a process, as /proc/PID/net/tcp{,6} shows it. */
+export interface TcpSocketEntry extends TcpTuple {
+  /** The kernel's state number (1 ESTABLISHED ... 10 LISTEN). */
+  state: number;
+}
+
+const TCP_CLOSE = 7;
+const TCP_LISTEN = 10;
+
 /** /proc/net/tcp hex address (host byte order words) → text. */
 function hexToAddress(hex: string, v6: boolean): string {
   const bytes: number[] = [];
@@ -37,11 +49,13 @@ function hexToAddress(hex: string, v6: boolean): string {
   if (!v6) return bytes.join('.');
   const groups: string[] = [];
   for (let i = 0; i < 16; i += 2) groups.push(((bytes[i]! << 8) | bytes[i + 1]!).toString(16));
+  // IPv4-mapped (::ffff:a.b.c.d): the address a v4 client reaches a dual-stack socket at.
+  if (groups.slice(0, 5).every((g) => g === '0') && groups[5] === 'ffff') return bytes.slice(12).join('.');
   return groups.join(':');
 }
 
-/** The connected (not listening, not closed) TCP sockets `pid` holds. */
-export function processConnections(pid: number): TcpTuple[] {
+/** Every TCP socket `pid` holds (listening and connected), from its network namespace's tables. */
+export function processTcpSockets(pid: number): TcpSocketEntry[] {
   const inodes = new Set<string>();
   let fds: string[] = [];
   try {
@@ -57,7 +71,7 @@ export function processConnections(pid: number): TcpTuple[] {
       /* closed meanwhile */
     }
   }
-  const out: TcpTuple[] = [];
+  const out: TcpSocketEntry[] = [];
   for (const [file, v6] of [['tcp', false], ['tcp6', true]] as const) {
     let text = '';
     try {
@@ -69,11 +83,12 @@ export function processConnections(pid: number): TcpTuple[] {
       const f = line.trim().split(/\s+/);
       if (f.length < 10) continue;
       const [local, remote, state, inode] = [f[1]!, f[2]!, f[3]!, f[9]!];
-      if (!inodes.has(inode) || state === '0A' || state === '07') continue;
+      if (!inodes.has(inode)) continue;
       const [la, lp] = local.split(':');
       const [ra, rp] = remote.split(':');
       out.push({
         v6,
+        state: parseInt(state, 16),
         localAddress: hexToAddress(la!, v6),
         localPort: parseInt(lp!, 16),
         remoteAddress: hexToAddress(ra!, v6),
@@ -84,27 +99,43 @@ export function processConnections(pid: number): TcpTuple[] {
   return out;
 }
 
+/** The connected (not listening, not closed) TCP sockets `pid` holds. */
+export function processConnections(pid: number): TcpTuple[] {
+  return processTcpSockets(pid)
+    .filter((s) => s.state !== TCP_LISTEN && s.state !== TCP_CLOSE)
+    .map(({ state: _state, ...tuple }) => tuple);
+}
+
 /** The nftables table of one migration. */
 export function lockTableName(migrationId: string): string {
   return `tern-${migrationId.replace(/[^A-Za-z0-9_-]/g, '_')}`;
 }
 
-/** nft script dropping the tuples both ways (exported for tests). */
-export function lockScript(migrationId: string, tuples: TcpTuple[]): string {
+/** The address family a tuple travels in on the wire (a v4-mapped v6 socket speaks IPv4). */
+const wireFamily = (t: TcpTuple): 'ip' | 'ip6' => (t.remoteAddress.includes(':') ? 'ip6' : 'ip');
+
+function lockRule(t: TcpTuple, dir: 'in' | 'out'): string {
+  const ip = wireFamily(t);
+  return dir === 'in'
+    ? `${ip} saddr ${t.remoteAddress} ${ip} daddr ${t.localAddress} tcp sport ${t.remotePort} tcp dport ${t.localPort} drop`
+    : `${ip} saddr ${t.localAddress} ${ip} daddr ${t.remoteAddress} tcp sport ${t.localPort} tcp dport ${t.remotePort} drop`;
+}
+
+/**
+ * nft script creating the migration's table, dropping the tuples both ways (exported for tests).
+ * The table's comment names the agent process that owns it, so that an agent starting after a
+ * crash can tell its leftovers from the tables of agents still alive ({@link sweepLockTables}).
+ */
+export function lockScript(migrationId: string, tuples: TcpTuple[], ownerPid = process.pid): string {
   const table = lockTableName(migrationId);
   const lines = [
     `table inet ${table} {`,
+    `  comment "tern agent pid ${ownerPid}"`,
     `  chain in { type filter hook input priority -150; policy accept;`,
   ];
-  const rule = (t: TcpTuple, dir: 'in' | 'out') => {
-    const ip = t.v6 ? 'ip6' : 'ip';
-    return dir === 'in'
-      ? `    ${ip} saddr ${t.remoteAddress} ${ip} daddr ${t.localAddress} tcp sport ${t.remotePort} tcp dport ${t.localPort} drop`
-      : `    ${ip} saddr ${t.localAddress} ${ip} daddr ${t.remoteAddress} tcp sport ${t.localPort} tcp dport ${t.remotePort} drop`;
-  };
-  for (const t of tuples) lines.push(rule(t, 'in'));
+  for (const t of tuples) lines.push(`    ${lockRule(t, 'in')}`);
   lines.push('  }', `  chain out { type filter hook output priority -150; policy accept;`);
-  for (const t of tuples) lines.push(rule(t, 'out'));
+  for (const t of tuples) lines.push(`    ${lockRule(t, 'out')}`);
   lines.push('  }', '}');
   return lines.join('\n') + '\n';
 }
@@ -123,15 +154,64 @@ async function nft(args: string[], input?: string): Promise<string> {
   });
 }
 
+const tupleKey = (t: TcpTuple) => `${t.localAddress}|${t.localPort}|${t.remoteAddress}|${t.remotePort}`;
+
 /**
- * Installs the lock for `pid`'s connections; returns the tuples locked (none: no table is made).
- * Call before the freeze.
+ * The network lock of one migration. `lock()` before the freeze installs the table for the
+ * process's connections; `extend()` right after the freeze adds the ones accepted or connected
+ * between the two (the process is stopped then, so the set is final); `unlock()` removes it.
  */
+export class NetworkLock {
+  private readonly locked = new Map<string, TcpTuple>();
+  private installed = false;
+
+  constructor(
+    readonly migrationId: string,
+    readonly pid: number,
+  ) {}
+
+  get table(): string {
+    return lockTableName(this.migrationId);
+  }
+
+  /** The tuples dropped so far. */
+  get tuples(): TcpTuple[] {
+    return [...this.locked.values()];
+  }
+
+  async lock(): Promise<TcpTuple[]> {
+    const tuples = processConnections(this.pid);
+    if (tuples.length === 0) return [];
+    await nft(['-f', '-'], lockScript(this.migrationId, tuples));
+    this.installed = true;
+    for (const t of tuples) this.locked.set(tupleKey(t), t);
+    return tuples;
+  }
+
+  /** Adds the connections that appeared since lock(); returns them. */
+  async extend(): Promise<TcpTuple[]> {
+    const fresh = processConnections(this.pid).filter((t) => !this.locked.has(tupleKey(t)));
+    if (fresh.length === 0) return [];
+    if (!this.installed) {
+      await nft(['-f', '-'], lockScript(this.migrationId, fresh));
+      this.installed = true;
+    } else {
+      const script = fresh.flatMap((t) => [`add rule inet ${this.table} in ${lockRule(t, 'in')}`, `add rule inet ${this.table} out ${lockRule(t, 'out')}`]);
+      await nft(['-f', '-'], script.join('\n') + '\n');
+    }
+    for (const t of fresh) this.locked.set(tupleKey(t), t);
+    return fresh;
+  }
+
+  async unlock(): Promise<void> {
+    await unlockNetwork(this.migrationId);
+    this.installed = false;
+  }
+}
+
+/** Installs the lock for `pid`'s connections; returns the tuples locked (none: no table is made). */
 export async function lockNetwork(migrationId: string, pid: number): Promise<TcpTuple[]> {
-  const tuples = processConnections(pid);
-  if (tuples.length === 0) return tuples;
-  await nft(['-f', '-'], lockScript(migrationId, tuples));
-  return tuples;
+  return await new NetworkLock(migrationId, pid).lock();
 }
 
 /** Removes the migration's table if it exists. Never throws for a missing table. */
@@ -152,45 +232,202 @@ export async function ternTables(): Promise<string[]> {
     .filter((t): t is string => t !== undefined);
 }
 
+/**
+ * Removes the lock tables left by agents that died (their owner pid, in the table's comment, is
+ * no longer a tern agent). Called when the agent starts: a crashed agent must not leave a
+ * process's connections black-holed. Returns the tables removed.
+ */
+export async function sweepLockTables(isAlive: (pid: number) => boolean = agentAlive): Promise<string[]> {
+  const removed: string[] = [];
+  for (const table of await ternTables()) {
+    let owner: number | null = null;
+    try {
+      const text = await nft(['list', 'table', 'inet', table]);
+      const m = /comment "tern agent pid (\d+)"/.exec(text);
+      owner = m ? Number(m[1]) : null;
+    } catch {
+      continue; // not an inet table, or gone meanwhile
+    }
+    if (owner !== null && owner !== process.pid && isAlive(owner)) continue;
+    if (owner === null) continue; // not made by an agent (an operator's table): leave it
+    await nft(['delete', 'table', 'inet', table]).catch(() => {});
+    removed.push(table);
+  }
+  return removed;
+}
+
+function agentAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0); // existence only: no signal is sent
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
 // ---------------------------------------------------------------- address handoff
 
-export interface AddressSpec {
-  /** e.g. 10.77.0.200/32 or fd00::200/128 */
-  cidr: string;
-  dev: string;
+/** An address the agent may hand off, with its prefix: 10.77.0.200/32, fd00::200/128. */
+export interface ServiceAddress {
+  address: string;
+  prefix: number;
 }
 
-export async function releaseAddress(a: AddressSpec): Promise<void> {
-  await execFileP('ip', ['addr', 'del', a.cidr, 'dev', a.dev]).catch(() => {});
+export function parseServiceAddress(text: string): ServiceAddress {
+  const m = /^([0-9a-fA-F.:]+)(?:\/(\d{1,3}))?$/.exec(text.trim());
+  const v6 = text.includes(':');
+  const prefix = m?.[2] !== undefined ? Number(m[2]) : v6 ? 128 : 32;
+  if (!m || prefix > (v6 ? 128 : 32) || (!v6 && !/^\d{1,3}(\.\d{1,3}){3}$/.test(m[1]!))) {
+    throw new Error(`${JSON.stringify(text)} is not an address or address/prefix`);
+  }
+  return { address: m[1]!.toLowerCase(), prefix };
 }
 
-/** Adds the address and announces it (gratuitous ARP / unsolicited NA where the tools exist). */
-export async function claimAddress(a: AddressSpec): Promise<void> {
-  const v6 = a.cidr.includes(':');
-  await execFileP('ip', v6 ? ['-6', 'addr', 'add', a.cidr, 'dev', a.dev, 'nodad'] : ['addr', 'add', a.cidr, 'dev', a.dev]).catch((err: Error) => {
-    if (!/File exists/.test(err.message)) throw err;
-  });
-  const addr = a.cidr.split('/')[0]!;
-  if (!v6) await execFileP('arping', ['-U', '-c', '1', '-I', a.dev, addr]).catch(() => {});
-  else await execFileP('ndisc6', ['-q', addr, a.dev]).catch(() => {});
+export const formatServiceAddress = (a: ServiceAddress): string => `${a.address}/${a.prefix}`;
+
+/** What the handoff needs to know about the migration (also the hook's environment). */
+export interface HandoffDetails {
+  migrationId: string;
+  pid: number;
+  from: string;
+  to: string;
 }
 
-/** Runs a user's handoff script: TERN_PHASE=release|claim|rollback and the migration's details. */
-export async function runAddressHook(
-  script: string,
-  phase: 'release' | 'claim' | 'rollback',
-  details: { migrationId: string; pid: number; from: string; to: string; address?: string },
-): Promise<void> {
-  await execFileP(script, [phase], {
-    env: {
-      ...process.env,
-      TERN_PHASE: phase,
-      TERN_MIGRATION_ID: details.migrationId,
-      TERN_PID: String(details.pid),
-      TERN_FROM: details.from,
-      TERN_TO: details.to,
-      TERN_ADDRESS: details.address ?? '',
-    },
-    timeout: 30_000,
-  });
+export interface AddressHandoffOptions {
+  /** Addresses this host may give away or take over (TERN_SERVICE_ADDRESSES). */
+  serviceAddresses: string[];
+  /** The device to add them on; default: the one the kernel routes the address through. */
+  dev?: string;
+  /** A user's script that does the handoff instead of the built-in handler (TERN_ADDRESS_HOOK). */
+  hook?: string;
+}
+
+/**
+ * Address handoff at switchover: the service address leaves the source host (after the freeze, so
+ * nothing new connects to the original) and appears on the destination host before the restore
+ * (the restored sockets are bound to it), announced with a gratuitous ARP / unsolicited neighbour
+ * advertisement so that peers send to the new host at once. On rollback each side does the
+ * opposite. The built-in handler uses ip(8) on this host; a hook script replaces it for networks
+ * where the address is moved elsewhere (keepalived, BGP, a cloud API): it gets the phase as its
+ * argument and TERN_PHASE, TERN_ROLE, TERN_MIGRATION_ID, TERN_PID, TERN_FROM, TERN_TO,
+ * TERN_ADDRESSES (comma-separated address/prefix) in its environment, and a non-zero exit fails
+ * the step (before the commit point: the migration rolls back).
+ */
+export class AddressHandoff {
+  private readonly addresses: ServiceAddress[];
+
+  constructor(readonly opts: AddressHandoffOptions) {
+    this.addresses = opts.serviceAddresses.map(parseServiceAddress);
+  }
+
+  get enabled(): boolean {
+    return this.addresses.length > 0 || this.opts.hook !== undefined;
+  }
+
+  /**
+   * The service addresses `pid` serves on that this host holds now: an address counts when one of
+   * the process's TCP sockets is bound to it, or when the process listens on a wildcard address.
+   */
+  async addressesOf(pid: number): Promise<string[]> {
+    if (this.addresses.length === 0) return [];
+    const sockets = processTcpSockets(pid);
+    const here = await hostAddresses();
+    const wildcard = sockets.some((s) => s.state === TCP_LISTEN && (s.localAddress === '0.0.0.0' || s.localAddress === '0:0:0:0:0:0:0:0'));
+    return this.addresses
+      .filter((a) => here.has(a.address))
+      .filter((a) => wildcard || sockets.some((s) => s.localAddress === a.address))
+      .map(formatServiceAddress);
+  }
+
+  /** Takes `addresses` off this host. */
+  async release(addresses: string[], role: 'source' | 'destination', details: HandoffDetails): Promise<void> {
+    if (this.opts.hook) return await this.runHook('release', role, addresses, details);
+    for (const text of addresses) {
+      const a = parseServiceAddress(text);
+      const dev = this.opts.dev ?? (await addressDevice(a.address));
+      if (!dev) continue; // not here any more
+      await execFileP('ip', [a.address.includes(':') ? '-6' : '-4', 'addr', 'del', formatServiceAddress(a), 'dev', dev]).catch((err: Error) => {
+        if (!/Cannot assign|not found|No such/i.test(err.message)) throw new Error(`releasing ${text}: ${err.message.trim()}`);
+      });
+    }
+  }
+
+  /** Puts `addresses` on this host and announces them. */
+  async claim(addresses: string[], role: 'source' | 'destination', details: HandoffDetails): Promise<void> {
+    if (this.opts.hook) return await this.runHook('claim', role, addresses, details);
+    for (const text of addresses) {
+      const a = parseServiceAddress(text);
+      const v6 = a.address.includes(':');
+      const dev = this.opts.dev ?? (await routeDevice(a.address));
+      if (!dev) throw new Error(`claiming ${text}: no device routes to it on this host (set the agent's addressDev)`);
+      await execFileP('ip', v6 ? ['-6', 'addr', 'add', formatServiceAddress(a), 'dev', dev, 'nodad'] : ['-4', 'addr', 'add', formatServiceAddress(a), 'dev', dev]).catch((err: Error) => {
+        if (!/File exists/.test(err.message)) throw new Error(`claiming ${text}: ${err.message.trim()}`);
+      });
+      announce(a.address, dev);
+    }
+  }
+
+  private async runHook(phase: 'release' | 'claim', role: 'source' | 'destination', addresses: string[], details: HandoffDetails): Promise<void> {
+    try {
+      await execFileP(this.opts.hook!, [phase], {
+        env: {
+          ...process.env,
+          TERN_PHASE: phase,
+          TERN_ROLE: role,
+          TERN_MIGRATION_ID: details.migrationId,
+          TERN_PID: String(details.pid),
+          TERN_FROM: details.from,
+          TERN_TO: details.to,
+          TERN_ADDRESSES: addresses.join(','),
+        },
+        timeout: 30_000,
+      });
+    } catch (err) {
+      const e = err as Error & { stderr?: string; code?: number | string };
+      throw new Error(`address hook ${this.opts.hook} ${phase} failed (${e.code ?? 'error'}): ${(e.stderr ?? e.message).trim().slice(0, 500)}`);
+    }
+  }
+}
+
+/** Every address configured on this host (network namespace). */
+async function hostAddresses(): Promise<Set<string>> {
+  const { stdout } = await execFileP('ip', ['-j', 'addr', 'show']);
+  const out = new Set<string>();
+  for (const link of JSON.parse(stdout) as { addr_info?: { local?: string }[] }[]) {
+    for (const a of link.addr_info ?? []) if (a.local) out.add(a.local.toLowerCase());
+  }
+  return out;
+}
+
+/** The device an address is configured on here, or null. */
+async function addressDevice(address: string): Promise<string | null> {
+  const { stdout } = await execFileP('ip', ['-j', 'addr', 'show']);
+  for (const link of JSON.parse(stdout) as { ifname: string; addr_info?: { local?: string }[] }[]) {
+    if ((link.addr_info ?? []).some((a) => a.local?.toLowerCase() === address)) return link.ifname;
+  }
+  return null;
+}
+
+/** The device this host would send to `address` through (its subnet's interface). */
+async function routeDevice(address: string): Promise<string | null> {
+  try {
+    const { stdout } = await execFileP('ip', ['-j', 'route', 'get', address]);
+    const dev = (JSON.parse(stdout) as { dev?: string }[])[0]?.dev;
+    return dev && dev !== 'lo' ? dev : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Tells the link the address moved: gratuitous ARP, in both the request and the reply form (peers
+ * differ in which they honour), or an unsolicited neighbour advertisement. arping sends at once but
+ * then waits a second for answers, so the announcement is not awaited: the switchover does not
+ * wait for it. Best effort: a peer that misses it re-resolves when its entry goes stale.
+ */
+export function announce(address: string, dev: string): void {
+  const run = (cmd: string, args: string[]) => void execFileP(cmd, args).catch(() => {});
+  if (address.includes(':')) return run('ndisc6', ['-q', address, dev]);
+  run('arping', ['-q', '-U', '-c', '1', '-I', dev, address]);
+  run('arping', ['-q', '-A', '-c', '1', '-I', dev, address]);
 }

@@ -3,11 +3,18 @@
 import { parseArgs } from 'node:util';
 import { buildAgentApp } from './app.js';
 import { loadAgentConfig } from './config.js';
+import { sweepLockTables } from './network.js';
 
 const { values } = parseArgs({ options: { config: { type: 'string' } } });
 try {
   const config = loadAgentConfig(values.config);
   const { app } = buildAgentApp(config, { logger: true });
+  // A lock table left by an agent that died would keep a process's connections black-holed.
+  const swept = await sweepLockTables().catch((err: Error) => {
+    app.log.warn(`could not sweep leftover nftables lock tables: ${err.message}`);
+    return [];
+  });
+  if (swept.length) app.log.warn(`removed lock tables left by a dead agent: ${swept.join(', ')}`);
   const close = () => {
     void app.close().then(() => process.exit(0));
   };

@@ -18,6 +18,11 @@ export class AgentSession {
   inFlight: Promise<unknown> | null = null;
   /** process.hrtime.bigint() at the freeze: the source's frozen time is measured from here. */
   frozenAt: bigint | null = null;
+  /**
+   * Service addresses this agent moved for the migration (released at the source, claimed at the
+   * destination) and how to give them back; undo() runs it.
+   */
+  handoff: { addresses: string[]; giveBack: () => Promise<void> } | null = null;
   private undone: Promise<void> | null = null;
 
   constructor(
@@ -47,7 +52,8 @@ export class AgentSession {
 
   /**
    * Puts things back as they were before this migration, once (later calls share the first):
-   * destination — kill the process it rebuilt and close the page server; source — thaw the original.
+   * destination — kill the process it rebuilt, release the service addresses it took and close the
+   * page server; source — take the service addresses back and thaw the original.
    */
   undo(): Promise<void> {
     // A failed attempt is forgotten, so that the coordinator's retry tries again.
@@ -60,9 +66,12 @@ export class AgentSession {
             /* already gone */
           }
         }
+        await this.handoff?.giveBack();
         await this.pageServer?.close();
-      } else if (this.source) {
-        await this.source.abort();
+      } else {
+        // The address first: the original must be reachable the moment it runs again.
+        await this.handoff?.giveBack();
+        await this.source?.abort();
       }
     })().catch((err: unknown) => {
       this.undone = null;

@@ -302,7 +302,12 @@ export class Coordinator {
       // switchover: freeze the source and stream its memory and state to the destination.
       rec = this.enter(id, 'switchover', `freezing pid ${rec.pid} on ${rec.from} and sending its memory to ${rec.to}`, phase);
       const dump = await this.step('switchover', () =>
-        src.call<SourceResponse>('POST', `/v1/migrations/${id}/source`, { pid: rec.pid, destination: prep.pageServer, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) }, long),
+        src.call<SourceResponse>(
+          'POST',
+          `/v1/migrations/${id}/source`,
+          { pid: rec.pid, destination: prep.pageServer, from: rec.from, to: rec.to, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) },
+          long,
+        ),
       );
       const afterDump = performance.now();
       stats.bytes = num(dump.transfer.wireBytes) ?? num(dump.dump.bytes) ?? 0;
@@ -314,10 +319,17 @@ export class Coordinator {
       });
       stopIfAborted();
 
+      if (dump.addresses?.length) this.emit(rec, 'log', `${rec.from} released ${dump.addresses.join(', ')}: ${rec.to} takes ${dump.addresses.length > 1 ? 'them' : 'it'} over before the restore`);
+
       // restoring: the destination rebuilds the process with the same pid and resumes it.
       rec = this.enter(id, 'restoring', `rebuilding pid ${rec.pid} on ${rec.to}`, phase);
       const restored = await this.step('restoring', () =>
-        dst.call<{ restore: { pid: number } }>('POST', `/v1/migrations/${id}/restore`, { image: dump.image }, long),
+        dst.call<{ restore: { pid: number } }>(
+          'POST',
+          `/v1/migrations/${id}/restore`,
+          { image: dump.image, addresses: dump.addresses ?? [], from: rec.from, to: rec.to },
+          long,
+        ),
       );
       // Downtime without trusting two clocks: the source's own frozen time up to the end of the dump,
       // plus our monotonic time from then to the destination's answer (one network leg over).

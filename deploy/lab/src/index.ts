@@ -436,7 +436,7 @@ export class Lab {
     for (const h of this.info.hosts) {
       const config = path.join(dir, `${h.name}.json`);
       const log = path.join(dir, `${h.name}.log`);
-      fs.writeFileSync(config, JSON.stringify({ name: h.name, listen: h.address, port, clusterToken: agents.clusterToken }, null, 2) + '\n', { mode: 0o600 });
+      fs.writeFileSync(config, JSON.stringify({ name: h.name, listen: h.address, port, clusterToken: agents.clusterToken, serviceAddresses: [`${SERVICE_ADDRESS}/32`] }, null, 2) + '\n', { mode: 0o600 });
       const { pid } = await this.startDaemon(h.name, [process.execPath, bin, '--config', config], { logFile: log });
       agents.hosts[h.name] = { url: `http://${h.address}:${port}`, pid, log, config };
     }
@@ -462,16 +462,21 @@ export class Lab {
     return readState(this.info.name)?.agents ?? null;
   }
 
-  /** Moves 10.77.0.200/32 to `toHost`'s eth0 and makes the client (and hosts) re-resolve it. */
+  /**
+   * Moves 10.77.0.200/32 to `toHost`'s eth0 and makes the client (and hosts) re-resolve it.
+   * (The lab's agents are configured with this address as a service address, so a migration of a
+   * process serving on it moves it by itself; this is for moving it by hand.)
+   */
   async moveServiceAddress(toHost: string): Promise<void> {
     const to = this.host(toHost);
-    const fromName = readState(this.info.name)?.serviceHost ?? this.info.serviceHost;
     const svc = `${SERVICE_ADDRESS}/32`;
-    if (fromName !== toHost) {
-      const from = this.info.hosts.find((h) => h.name === fromName);
-      if (from) await ip('-n', from.netns, 'addr', 'del', svc, 'dev', 'eth0').catch(() => {});
-      await ip('-n', to.netns, 'addr', 'add', svc, 'dev', 'eth0');
+    // Wherever it is now (the agents move it themselves during a migration), it ends on toHost only.
+    for (const h of this.info.hosts) {
+      if (h.name !== toHost) await ip('-n', h.netns, 'addr', 'del', svc, 'dev', 'eth0').catch(() => {});
     }
+    await ip('-n', to.netns, 'addr', 'add', svc, 'dev', 'eth0').catch((err: Error) => {
+      if (!/File exists/.test(err.message)) throw err;
+    });
     const arping = which('arping');
     if (arping) {
       await execP('ip', ['netns', 'exec', to.netns, arping, '-U', '-c', '1', '-I', 'eth0', SERVICE_ADDRESS]).catch(() => {});

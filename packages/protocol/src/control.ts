@@ -124,6 +124,9 @@ export interface SourceRequest {
   pid: number;
   destination: PageServerAddress;
   bandwidthBytesPerSec?: number;
+  /** Host names of both ends, for the address-handoff hook's environment. */
+  from?: string;
+  to?: string;
 }
 
 export interface SourceResponse {
@@ -135,11 +138,17 @@ export interface SourceResponse {
   frozenMs: number;
   dump: Record<string, number>;
   transfer: Record<string, number>;
+  /** Service addresses (address/prefix) the source released after the freeze: the destination claims them. */
+  addresses: string[];
 }
 
 /** POST /v1/migrations/:id/restore. */
 export interface RestoreRequest {
   image: string;
+  /** Service addresses to take over before the restore (the restored sockets are bound to them). */
+  addresses?: string[];
+  from?: string;
+  to?: string;
 }
 
 export type AgentRole = 'source' | 'destination';
@@ -177,6 +186,8 @@ export const blockerSchema = {
   required: ['subject', 'kind', 'reason'],
   properties: { subject: { type: 'string' }, kind: { type: 'string' }, reason: { type: 'string' } },
 } as const;
+
+const hostNameSchema = { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' } as const;
 
 export const pageServerAddressSchema = {
   type: 'object',
@@ -227,15 +238,29 @@ export const sourceRequestSchema = {
   type: 'object',
   required: ['pid', 'destination'],
   additionalProperties: false,
-  properties: { pid: pidSchema, destination: pageServerAddressSchema, bandwidthBytesPerSec: { type: 'integer', minimum: 1 } },
+  properties: {
+    pid: pidSchema,
+    destination: pageServerAddressSchema,
+    bandwidthBytesPerSec: { type: 'integer', minimum: 1 },
+    from: hostNameSchema,
+    to: hostNameSchema,
+  },
 } as const;
+
+/** address/prefix, v4 or v6 (the agent parses it again before use). */
+export const serviceAddressSchema = { type: 'string', pattern: '^[0-9A-Fa-f.:]{2,45}(/[0-9]{1,3})?$' } as const;
 
 export const restoreRequestSchema = {
   type: 'object',
   required: ['image'],
   additionalProperties: false,
-  // base64 of a msgpack image; 256 MiB is far above any real image (pages are not in it).
-  properties: { image: { type: 'string', minLength: 1, maxLength: 268435456, pattern: '^[A-Za-z0-9+/]+={0,2}$' } },
+  properties: {
+    // base64 of a msgpack image; 256 MiB is far above any real image (pages are not in it).
+    image: { type: 'string', minLength: 1, maxLength: 268435456, pattern: '^[A-Za-z0-9+/]+={0,2}$' },
+    addresses: { type: 'array', maxItems: 64, items: serviceAddressSchema },
+    from: hostNameSchema,
+    to: hostNameSchema,
+  },
 } as const;
 
 export const agentMigrationStatusSchema = {
@@ -264,8 +289,6 @@ export interface CreateMigrationRequest {
   /** MB/s. */
   bandwidth?: number;
 }
-
-const hostNameSchema = { type: 'string', pattern: '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' } as const;
 
 export const createMigrationRequestSchema = {
   type: 'object',
