@@ -7,41 +7,8 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Lab } from '@tern/lab';
-import { labFor, redisCli, sleep, waitFor } from './helpers.js';
+import { labWithAgents, migrate, redisCli, runsOn, sleep, waitFor } from './helpers.js';
 import { readStatus, waitForStatus, workloadBin } from '../workloads/status.js';
-import { cliMain } from './helpers.js';
-
-interface MigrateJson {
-  id: string;
-  state: string;
-  failure?: { kind: string; message: string } | null;
-  [k: string]: unknown;
-}
-
-async function migrate(lab: Lab, pid: number, from = 'hostA', to = 'hostB'): Promise<{ code: number | null; record: MigrateJson | null; out: string }> {
-  const r = await lab.run('client', [process.execPath, cliMain, '--lab', lab.name, '--from', from, '--to', to, '--pid', String(pid), '--json'], { timeoutMs: 180_000 });
-  const out = r.stdout + r.stderr;
-  let record: MigrateJson | null = null;
-  try {
-    // --json prints one document: { migration, events }.
-    record = (JSON.parse(r.stdout) as { migration: MigrateJson }).migration;
-  } catch {
-    record = null;
-  }
-  return { code: r.code, record, out };
-}
-
-/** True when `pid` runs in `host`'s pid namespace (as that host sees it). */
-async function runsOn(lab: Lab, host: string, pid: number): Promise<boolean> {
-  const r = await lab.run(host, ['sh', '-c', `test -d /proc/${pid} && ! grep -q '^State:.*Z' /proc/${pid}/status`]);
-  return r.code === 0;
-}
-
-async function labWithAgents(t: Parameters<typeof labFor>[0]): Promise<Lab> {
-  const lab = await labFor(t, 2);
-  await lab.startAgents();
-  return lab;
-}
 
 t.test('memcheck (64 MiB, 4 blocked threads) moves with its pid, tids and memory intact', async (t) => {
   const lab = await labWithAgents(t);

@@ -103,3 +103,37 @@ export async function redisCli(lab: Lab, host: string, address: string, port: nu
   if (r.code !== 0 || /^(ERR|WRONGTYPE|NOPERM)/.test(r.stdout)) throw new Error(`redis-cli ${args.join(' ')} failed: ${r.stdout}${r.stderr}`);
   return r.stdout.trim();
 }
+
+// ---------------------------------------------------------------- migrations through the CLI
+
+export interface MigrateJson {
+  id: string;
+  state: string;
+  failure?: { kind: string; message: string } | null;
+  [k: string]: unknown;
+}
+
+export async function migrate(lab: Lab, pid: number, from = 'hostA', to = 'hostB', extra: string[] = []): Promise<{ code: number | null; record: MigrateJson | null; out: string }> {
+  const r = await lab.run('client', [process.execPath, cliMain, '--lab', lab.name, '--from', from, '--to', to, '--pid', String(pid), '--json', ...extra], { timeoutMs: 180_000 });
+  const out = r.stdout + r.stderr;
+  let record: MigrateJson | null = null;
+  try {
+    // --json prints one document: { migration, events }.
+    record = (JSON.parse(r.stdout) as { migration: MigrateJson }).migration;
+  } catch {
+    record = null;
+  }
+  return { code: r.code, record, out };
+}
+
+/** True when `pid` runs in `host`'s pid namespace (as that host sees it). */
+export async function runsOn(lab: Lab, host: string, pid: number): Promise<boolean> {
+  const r = await lab.run(host, ['sh', '-c', `test -d /proc/${pid} && ! grep -q '^State:.*Z' /proc/${pid}/status`]);
+  return r.code === 0;
+}
+
+export async function labWithAgents(t: Teardownable): Promise<Lab> {
+  const lab = await labFor(t, 2);
+  await lab.startAgents();
+  return lab;
+}

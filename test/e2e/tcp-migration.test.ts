@@ -1,0 +1,155 @@
+// TCP connections across a migration, end to end through `migrate --lab`: the lab's client
+// namespace talks to the service address (10.77.0.200) on hostA, and after the move to hostB over
+// the same connections. The source agent locks the process's connections (nftables), releases
+// the service address after the freeze; the destination claims it, restores the sockets in
+// repair mode; a failed restore gives everything back to hostA.
+import t from 'tap';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { ChildProcess } from 'node:child_process';
+import type { Lab } from '@tern/lab';
+import { labWithAgents, migrate, redisCli, repoRoot, runsOn, sleep } from './helpers.js';
+
+const incrLoop = join(repoRoot, 'test', 'e2e', 'fixtures', 'redis_incr_loop.py');
+
+interface IncrResult {
+  replies: number;
+  first: number | null;
+  last: number | null;
+  errors: string[];
+  max_gap_ms: number;
+  gap_at: number | null;
+}
+
+/** Starts the INCR client in the client namespace; stop() ends it and returns its report. */
+function incrClient(lab: Lab, key: string): { stop: () => Promise<IncrResult> } {
+  const dir = mkdtempSync(join(tmpdir(), 'tern-tcp-'));
+  const stopFile = join(dir, 'stop');
+  const run = lab.run('client', ['python3', incrLoop, lab.info.serviceAddress, '6379', key, stopFile], { timeoutMs: 300_000 });
+  return {
+    stop: async () => {
+      writeFileSync(stopFile, '');
+      const r = await run;
+      try {
+        return JSON.parse(r.stdout.trim().split('\n').pop()!) as IncrResult;
+      } catch {
+        return { replies: 0, first: null, last: null, errors: [`client exited ${r.code}: ${r.stdout}${r.stderr}`], max_gap_ms: 0, gap_at: null };
+      }
+    },
+  };
+}
+
+/** Output collected from a long-running command in the client namespace. */
+function background(lab: Lab, argv: string[]): { child: ChildProcess; output: () => string } {
+  const child = lab.spawn('client', argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => (out += d));
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (out += d));
+  return { child, output: () => out };
+}
+
+async function startRedis(lab: Lab, host = 'hostA'): Promise<number> {
+  const dir = mkdtempSync(join(tmpdir(), 'tern-tcp-redis-'));
+  const redis = await lab.startDaemon(host, [
+    'redis-server', '--port', '6379', '--bind', '0.0.0.0', '--protected-mode', 'no', '--save', '', '--appendonly', 'no',
+    '--enable-debug-command', 'yes', '--dir', dir, '--maxclients', '1000',
+  ], { logFile: join(dir, 'redis.log') });
+  for (let i = 0; ; i++) {
+    try {
+      if ((await redisCli(lab, 'client', lab.info.serviceAddress, 6379, ['PING'])) === 'PONG') break;
+    } catch {
+      /* not up yet */
+    }
+    if (i > 100) throw new Error('redis-server did not answer');
+    await sleep(50);
+  }
+  return redis.pid;
+}
+
+/** Where the service address is configured, and the tern-* nftables tables left anywhere. */
+async function networkState(lab: Lab): Promise<{ addressOn: string[]; tables: string[] }> {
+  const addressOn: string[] = [];
+  const tables: string[] = [];
+  for (const h of lab.info.hosts) {
+    const addrs = (await lab.run(h.name, ['ip', '-4', '-o', 'addr', 'show'])).stdout;
+    if (addrs.includes(`${lab.info.serviceAddress}/32`)) addressOn.push(h.name);
+    const nft = (await lab.run(h.name, ['nft', 'list', 'tables'])).stdout;
+    for (const m of nft.matchAll(/table \S+ (tern-\S+)/g)) tables.push(`${h.name}:${m[1]}`);
+  }
+  return { addressOn, tables };
+}
+
+t.test('redis with 50 benchmark clients and an INCR loop connected moves without an error', async (t) => {
+  const lab = await labWithAgents(t);
+  const redis = await startRedis(lab);
+  const cli = (...args: string[]) => redisCli(lab, 'client', lab.info.serviceAddress, 6379, args);
+  await cli('DEBUG', 'POPULATE', '200000', 'key', '100');
+  const digestBefore = await cli('DEBUG', 'DIGEST');
+  const dbsizeBefore = await cli('DBSIZE');
+
+  // 50 connections reading the dataset in a loop, plus one connection counting.
+  const bench = background(lab, ['redis-benchmark', '-h', lab.info.serviceAddress, '-c', '50', '-t', 'get,ping_mbulk', '-r', '200000', '-l', '-q']);
+  const incr = incrClient(lab, 'tern:counter');
+  await sleep(2000);
+  const connected = Number((await cli('INFO', 'clients')).match(/connected_clients:(\d+)/)?.[1]);
+  t.ok(connected >= 50, `${connected} clients connected while the migration starts`);
+
+  const m = await migrate(lab, redis);
+  t.equal(m.code, 0, m.code === 0 ? 'migrate exit 0' : `migrate exit ${m.code}: ${m.out.slice(-800)}`);
+  t.equal(m.record?.state, 'done');
+  await sleep(2000); // the clients keep going on hostB
+  const counted = await incr.stop();
+  const benchAlive = bench.child.exitCode === null && bench.child.signalCode === null;
+  bench.child.kill('SIGINT');
+  await new Promise((r) => bench.child.once('close', r));
+
+  const downtime = (m.record?.stats as { downtimeMs?: number } | undefined)?.downtimeMs;
+  t.comment(`downtime ${downtime?.toFixed(1)} ms; the INCR client's longest gap between two replies: ${counted.max_gap_ms.toFixed(1)} ms (at ${counted.gap_at} s), ${counted.replies} replies`);
+  t.same(counted.errors, [], 'the INCR client saw no error, no reset and no jump in the counter');
+  t.ok(counted.replies > 100, 'the INCR client was served before and after the move');
+  t.ok(benchAlive, `redis-benchmark (50 clients) was still running at the end: no connection failed (${bench.output().slice(-300)})`);
+  t.notMatch(bench.output(), /error|reset|closed|refused/i, 'and reported no error');
+  t.equal(await cli('GET', 'tern:counter'), String(counted.last), 'the counter on hostB is the last value the client saw');
+
+  t.ok(await runsOn(lab, 'hostB', redis), 'redis runs on hostB');
+  t.notOk(await runsOn(lab, 'hostA', redis), 'and is gone from hostA');
+  await cli('DEL', 'tern:counter');
+  t.equal(await cli('DBSIZE'), dbsizeBefore, 'DBSIZE unchanged');
+  t.equal(await cli('DEBUG', 'DIGEST'), digestBefore, 'DEBUG DIGEST unchanged');
+  const net = await networkState(lab);
+  t.same(net.addressOn, ['hostB'], 'the service address moved to hostB');
+  t.same(net.tables, [], 'no nftables lock table left on either host');
+  // A wide margin: the pause is the downtime plus the peers' retransmission; seconds would mean a
+  // connection waited out an RTO backoff.
+  t.ok(counted.max_gap_ms < 5000, 'the client-observed pause stays well under 5 s');
+});
+
+t.test('a restore that fails leaves the connections on hostA, the address there and no lock table', async (t) => {
+  const lab = await labWithAgents(t);
+  const redis = await startRedis(lab);
+  const cli = (...args: string[]) => redisCli(lab, 'client', lab.info.serviceAddress, 6379, args);
+  await cli('DEBUG', 'POPULATE', '10000', 'key', '100');
+  const digestBefore = await cli('DEBUG', 'DIGEST');
+  // Something on hostB already listens on redis' port: the restored listener cannot bind.
+  await lab.startDaemon('hostB', ['python3', '-c', "import socket,time\ns=socket.socket()\ns.bind(('0.0.0.0',6379))\ns.listen()\ntime.sleep(600)"]);
+  await sleep(300);
+  const incr = incrClient(lab, 'tern:counter');
+  await sleep(1000);
+
+  const m = await migrate(lab, redis);
+  t.not(m.code, 0, 'migrate fails');
+  t.equal(m.record?.state, 'failed', `the migration failed (${m.record?.failure?.message})`);
+  t.equal(m.record?.failure?.phase, 'restoring', 'in the restore');
+  await sleep(1500); // the client keeps being served by the original
+  const counted = await incr.stop();
+  t.comment(`the INCR client's longest gap: ${counted.max_gap_ms.toFixed(1)} ms, ${counted.replies} replies`);
+  t.same(counted.errors, [], 'the INCR client saw no error: its connection carried on at the source');
+  t.ok(await runsOn(lab, 'hostA', redis), 'redis still runs on hostA');
+  t.notOk(await runsOn(lab, 'hostB', redis), 'nothing of it is left on hostB');
+  const net = await networkState(lab);
+  t.same(net.addressOn, ['hostA'], 'the service address is back on hostA only');
+  t.same(net.tables, [], 'no nftables lock table left on either host');
+  await cli('DEL', 'tern:counter');
+  t.equal(await cli('DEBUG', 'DIGEST'), digestBefore, 'the dataset is untouched');
+});
