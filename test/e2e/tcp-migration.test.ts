@@ -80,6 +80,17 @@ async function networkState(lab: Lab): Promise<{ addressOn: string[]; tables: st
   return { addressOn, tables };
 }
 
+/** Sums the matched samples of a host agent's /metrics, read from the client namespace. */
+async function agentMetrics(lab: Lab, host: string, re: RegExp): Promise<Record<string, number>> {
+  const agents = lab.agents()!;
+  const url = `${agents.hosts[host]!.url}/metrics`;
+  const script = `fetch(${JSON.stringify(url)},{headers:{authorization:'Bearer ${agents.clusterToken}'}}).then(r=>r.text()).then(t=>process.stdout.write(t))`;
+  const text = (await lab.run('client', [process.execPath, '-e', script])).stdout;
+  const out: Record<string, number> = {};
+  for (const m of text.matchAll(re)) out[m[1]!] = (out[m[1]!] ?? 0) + Number(m[2]);
+  return out;
+}
+
 t.test('redis with 50 benchmark clients and an INCR loop connected moves without an error', async (t) => {
   const lab = await labWithAgents(t);
   const redis = await startRedis(lab);
@@ -117,6 +128,9 @@ t.test('redis with 50 benchmark clients and an INCR loop connected moves without
   await cli('DEL', 'tern:counter');
   t.equal(await cli('DBSIZE'), dbsizeBefore, 'DBSIZE unchanged');
   t.equal(await cli('DEBUG', 'DIGEST'), digestBefore, 'DEBUG DIGEST unchanged');
+  const resume = await agentMetrics(lab, 'hostB', /^tern_agent_tcp_resume_delay_seconds_(count|sum) (\S+)$/gm);
+  t.comment(`hostB agent: ${resume.count} restored connections heard from their peers, mean delay after the resume ${((resume.sum / Math.max(1, resume.count)) * 1000).toFixed(1)} ms`);
+  t.ok(resume.count >= 1, 'the destination agent recorded the connections resuming (tern_agent_tcp_resume_delay_seconds)');
   const net = await networkState(lab);
   t.same(net.addressOn, ['hostB'], 'the service address moved to hostB');
   t.same(net.tables, [], 'no nftables lock table left on either host');

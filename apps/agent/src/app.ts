@@ -39,6 +39,7 @@ import {
 import type { AgentConfig } from './config.js';
 import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine } from './engine.js';
 import { destinationBlockers } from './readiness.js';
+import { watchTcpResume } from './tcp-resume.js';
 import { AgentSession, SessionTable } from './sessions.js';
 import { AddressHandoff, NetworkLock, parseServiceAddress, formatServiceAddress, unlockNetwork, type HandoffDetails } from './network.js';
 
@@ -244,6 +245,15 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         session.restoredPid = report.pid;
         session.set('restored');
         metrics.restoreSeconds.observe(report.timings.totalNs / 1e9);
+        // In the background: how long the restored connections wait for their peers (tcp-resume.ts).
+        void watchTcpResume(report.pid, performance.now()).then((r) => {
+          for (const d of r.delaysSeconds) metrics.tcpResumeDelaySeconds.observe(d);
+          metrics.tcpIdleConnectionsTotal.inc(r.idle);
+          if (r.connections) {
+            const max = Math.max(0, ...r.delaysSeconds) * 1000;
+            request.log.info(`migration ${id}: ${r.delaysSeconds.length} of ${r.connections} restored connections heard from their peers, the last after ${max.toFixed(1)} ms; ${r.idle} idle`);
+          }
+        }, () => {});
         const stats = server.stats?.();
         if (stats) {
           metrics.pageBytesTotal.inc({ direction: 'received' }, stats.wireBytes);

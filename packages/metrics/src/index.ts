@@ -65,6 +65,13 @@ export interface AgentMetrics {
   restoreSeconds: Histogram;
   /** Latency of a post-copy page fault served on this host, from the fault to UFFDIO_COPY. */
   faultLatencySeconds: Histogram;
+  /**
+   * Per restored TCP connection: from the process resuming here until the peer's first data
+   * arrives. A client's pause is the downtime plus this.
+   */
+  tcpResumeDelaySeconds: Histogram;
+  /** Restored TCP connections whose peer sent nothing within the watch after the restore. */
+  tcpIdleConnectionsTotal: Counter;
   /** Control requests answered 4xx/5xx, by route and status code (401s included). */
   requestErrorsTotal: Counter<'route' | 'code'>;
 }
@@ -123,6 +130,17 @@ export function createAgentMetrics(opts: { prefix?: string; defaultMetrics?: boo
       name: `${prefix}postcopy_fault_latency_seconds`,
       help: 'Latency of a post-copy page fault served on this host, from the fault to UFFDIO_COPY',
       buckets: FAULT_BUCKETS_SECONDS,
+      registers,
+    }),
+    tcpResumeDelaySeconds: new Histogram({
+      name: `${prefix}tcp_resume_delay_seconds`,
+      help: 'Per restored TCP connection: time from the process resuming on this host until the first data from its peer (a client pause is the downtime plus this)',
+      buckets: DOWNTIME_BUCKETS_SECONDS,
+      registers,
+    }),
+    tcpIdleConnectionsTotal: new Counter({
+      name: `${prefix}tcp_idle_connections_total`,
+      help: 'Restored TCP connections whose peer sent no data within 5 s after the restore',
       registers,
     }),
     requestErrorsTotal: new Counter({
