@@ -41,7 +41,7 @@ import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMi
 import { destinationBlockers } from './readiness.js';
 import { watchTcpResume } from './tcp-resume.js';
 import { AgentSession, SessionTable } from './sessions.js';
-import { AddressHandoff, NetworkLock, parseServiceAddress, formatServiceAddress, unlockNetwork, type HandoffDetails } from './network.js';
+import { AddressHandoff, NetworkLock, formatServiceAddress, guardRestore, parseServiceAddress, unguardRestore, unlockNetwork, type HandoffDetails } from './network.js';
 
 export interface AgentApp {
   app: FastifyInstance;
@@ -224,6 +224,8 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       const details: HandoffDetails = { migrationId: id, pid: session.pid, from: request.body.from ?? '', to: request.body.to ?? config.name };
       const call = countOp('restore', async () => {
         if (addresses.length || config.addressHook) {
+          // No RST for a peer whose segment arrives before its socket is rebuilt (network.ts).
+          await guardRestore(id, addresses);
           // Recorded before the claim: a claim that fails half-way is still given back by undo().
           session.handoff = { addresses, giveBack: () => handoff.release(addresses, 'destination', details) };
           try {
@@ -232,7 +234,11 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
             throw new HttpError(422, 'address-handoff', (err as Error).message);
           }
         }
-        return await engine.restore(image, server);
+        try {
+          return await engine.restore(image, server);
+        } finally {
+          await unguardRestore(id).catch(() => {});
+        }
       });
       session.inFlight = call;
       try {
@@ -405,6 +411,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       }
       await countOp('abort', () => session.undo());
       await unlockNetwork(id).catch(() => {});
+      await unguardRestore(id).catch(() => {});
       session.set('aborted');
       if (!wasFailed) metrics.migrationRolesTotal.inc({ role: session.role, outcome: 'aborted' });
       if (session.frozenAt !== null) metrics.freezeSeconds.observe({ role: 'source' }, Number(process.hrtime.bigint() - session.frozenAt) / 1e9);

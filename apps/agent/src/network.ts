@@ -209,6 +209,33 @@ export class NetworkLock {
   }
 }
 
+/**
+ * The destination's side of the lock: from claiming the service addresses until the restored
+ * sockets exist, a peer's segment (a retransmission, or a new SYN) finds no socket here and the
+ * kernel would answer with a RST that kills the connection on the peer. This table drops the RSTs
+ * this host would send from those addresses, so such segments are just lost and retransmitted.
+ * Removed as soon as the restore returns (and on every failure path).
+ */
+export function restoreGuardScript(migrationId: string, addresses: string[], ownerPid = process.pid): string {
+  const table = `${lockTableName(migrationId)}-dst`;
+  const lines = [`table inet ${table} {`, `  comment "tern agent pid ${ownerPid}"`, `  chain out { type filter hook output priority -150; policy accept;`];
+  for (const text of addresses) {
+    const a = parseServiceAddress(text);
+    lines.push(`    ${a.address.includes(':') ? 'ip6' : 'ip'} saddr ${a.address} tcp flags & rst == rst drop`);
+  }
+  lines.push('  }', '}');
+  return lines.join('\n') + '\n';
+}
+
+export async function guardRestore(migrationId: string, addresses: string[]): Promise<void> {
+  if (addresses.length === 0) return;
+  await nft(['-f', '-'], restoreGuardScript(migrationId, addresses));
+}
+
+export async function unguardRestore(migrationId: string): Promise<void> {
+  await unlockNetwork(`${migrationId}-dst`);
+}
+
 /** Installs the lock for `pid`'s connections; returns the tuples locked (none: no table is made). */
 export async function lockNetwork(migrationId: string, pid: number): Promise<TcpTuple[]> {
   return await new NetworkLock(migrationId, pid).lock();
