@@ -16,13 +16,15 @@ use neon::types::extract::{Boxed, Buffer, Error, Json};
 use tern_core::sys::Pid;
 use tern_core::{check, probe, proc, ptrace::Tracer};
 
+mod precopy;
+
 /// A tracer as JavaScript holds it: a cheap clone of the engine handle inside a JsBox.
 #[derive(Clone)]
 struct TracerHandle(Arc<Tracer>);
 
 impl Finalize for TracerHandle {}
 
-fn to_pid(raw: f64) -> Result<Pid, Error> {
+pub(crate) fn to_pid(raw: f64) -> Result<Pid, Error> {
     if raw.fract() != 0.0 || raw <= 0.0 || raw > f64::from(i32::MAX) {
         return Err(Error::from(format!("{raw} is not a valid pid")));
     }
@@ -69,7 +71,7 @@ fn check_inventory(inventory: proc::ProcessInventory) -> check::CheckReport {
 /// tracer's process may collect them) and the tracer would wait forever. So a child of this
 /// process is refused unless the engine restored it itself (its reaper never steals stops);
 /// a process started in its own session by a helper (setsid, a lab host, systemd) is fine.
-fn refuse_node_child(pid: Pid) -> Result<(), Error> {
+pub(crate) fn refuse_node_child(pid: Pid) -> Result<(), Error> {
     let stat = tern_core::proc::stat::read_stat(pid).map_err(engine_err)?;
     if stat.ppid == std::process::id() as i32 && !tern_core::restore::is_restored_child(pid) {
         return Err(Error::from(format!(
@@ -193,11 +195,11 @@ struct SourceHandle(Arc<SourceState>);
 
 impl Finalize for SourceHandle {}
 
-fn engine_err(e: impl std::fmt::Display) -> Error {
+pub(crate) fn engine_err(e: impl std::fmt::Display) -> Error {
     Error::from(e.to_string())
 }
 
-fn socket_addr(address: &str, port: f64) -> Result<SocketAddr, Error> {
+pub(crate) fn socket_addr(address: &str, port: f64) -> Result<SocketAddr, Error> {
     let ip: IpAddr = address.parse().map_err(|_| Error::from(format!("{address} is not an IP address")))?;
     if port.fract() != 0.0 || !(0.0..=65535.0).contains(&port) {
         return Err(Error::from(format!("{port} is not a TCP port")));
@@ -226,11 +228,24 @@ fn page_server_port(Boxed(handle): Boxed<PageServerHandle>) -> f64 {
 fn page_server_wait(Boxed(handle): Boxed<PageServerHandle>, timeout_ms: f64) -> Result<Json<tern_core::pages::TransferStats>, Error> {
     let (store, stats) = handle.0.server.wait(Duration::from_millis(timeout_ms.max(0.0) as u64)).map_err(engine_err)?;
     let mut slot = handle.0.store.lock().map_err(|_| Error::from("page store lock poisoned"))?;
-    match slot.as_mut() {
-        Some(existing) => existing.merge_from(store),
-        None => *slot = Some(store),
-    }
+    merge_newer(&mut slot, store);
     Ok(Json(stats))
+}
+
+/// Puts `newer` (streams committed later) on top of what the slot holds: where both have a page,
+/// the later stream's content wins (a later pre-copy round, or the final stream).
+fn merge_newer(slot: &mut Option<PageStore>, newer: PageStore) {
+    match slot.as_mut() {
+        Some(existing) => existing.merge_from(newer),
+        None if newer.is_empty() => {}
+        None => *slot = Some(newer),
+    }
+}
+
+/// Live counters of the server (connections, streams, pages and bytes received so far).
+#[neon::export]
+fn page_server_progress(Boxed(handle): Boxed<PageServerHandle>) -> Json<tern_core::pages::ServerProgress> {
+    Json(handle.0.server.progress())
 }
 
 /// Stops the server and drops every page it holds (commit done, or abort).
@@ -268,11 +283,11 @@ fn source_dump_stats(Boxed(handle): Boxed<SourceHandle>) -> Result<Json<Option<D
     Ok(Json(last.clone()))
 }
 
-#[derive(Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
-struct DumpOutcome {
-    dump: tern_core::dump::DumpStats,
-    transfer: tern_core::pages::TransferStats,
+pub(crate) struct DumpOutcome {
+    pub(crate) dump: tern_core::dump::DumpStats,
+    pub(crate) transfer: tern_core::pages::TransferStats,
 }
 
 /// Dumps the frozen process, streaming its pages to the destination's page server; resolves to
@@ -335,10 +350,45 @@ fn restore_process(
     check_inode: bool,
 ) -> Result<Json<tern_core::restore::RestoredProcess>, Error> {
     let image = tern_core::image::ProcessImage::from_msgpack(&image).map_err(engine_err)?;
-    let slot = server.0.store.lock().map_err(|_| Error::from("page store lock poisoned"))?;
+    let mut slot = server.0.store.lock().map_err(|_| Error::from("page store lock poisoned"))?;
+    // Streams committed since the last wait (pre-copy: later rounds and the final stream, which
+    // nobody has to wait for one by one) are newer than what the slot holds: merge them on top.
+    merge_newer(&mut slot, server.0.server.take_store());
     let store = slot.as_ref().ok_or_else(|| Error::from("no complete page stream has arrived for this migration"))?;
     let options = tern_core::files::RecreateOptions { check_inode };
     let restored = tern_core::restore::restore_with_files(&image, store, &options).map_err(engine_err)?;
     tern_core::restore::reap_when_exited(restored.pid);
     Ok(Json(restored))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_core::pages::PageSink;
+
+    const P: u64 = 4096;
+
+    fn first_byte(store: &PageStore, addr: u64) -> Option<u8> {
+        store.range(addr, addr + P).next().map(|(_, run)| match run {
+            tern_core::pages::PageRun::Data(d) => d[0],
+            tern_core::pages::PageRun::Zero { .. } => 0,
+        })
+    }
+
+    #[test]
+    fn a_later_stream_wins_in_the_slot_restore_reads() {
+        let mut slot = None;
+        merge_newer(&mut slot, PageStore::new());
+        assert!(slot.is_none(), "an empty store is not a complete stream");
+        let mut round0 = PageStore::new();
+        round0.put_pages(0x10000, &vec![1u8; 4 * P as usize]).unwrap();
+        merge_newer(&mut slot, round0);
+        let mut round1 = PageStore::new();
+        round1.put_pages(0x10000 + P, &vec![2u8; P as usize]).unwrap();
+        round1.put_zero_pages(0x10000 + 3 * P, 1).unwrap();
+        merge_newer(&mut slot, round1);
+        let store = slot.as_ref().unwrap();
+        let tags: Vec<_> = (0..4).map(|i| first_byte(store, 0x10000 + i * P)).collect();
+        assert_eq!(tags, vec![Some(1), Some(2), Some(1), Some(0)]);
+    }
 }

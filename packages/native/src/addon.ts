@@ -14,7 +14,18 @@ import type {
   ThawReport,
   ThreadRegisters,
 } from '@tern/protocol';
-import type { DumpStats, RestoreReport, TransferStats } from './migration.js';
+import type {
+  DumpStats,
+  PrecopyDecision,
+  PrecopyDestinationJson,
+  PrecopyFinalStats,
+  PrecopyLimits,
+  PrecopySetup,
+  RestoreReport,
+  RoundStats,
+  ServerProgress,
+  TransferStats,
+} from './migration.js';
 
 /** An opaque JsBox holding an engine handle of one kind. */
 declare const boxKind: unique symbol;
@@ -47,6 +58,16 @@ export interface Addon {
   sourceCommit(s: OpaqueBox<'source'>): Promise<void>;
   sourceAbort(s: OpaqueBox<'source'>): Promise<void>;
   restoreProcess(image: Buffer, server: OpaqueBox<'page-server'>, checkInode: boolean): Promise<RestoreReport>;
+  pageServerProgress(s: OpaqueBox<'page-server'>): ServerProgress;
+  precopyStart(pid: number, options: { fixedCostNs?: number } | null): Promise<OpaqueBox<'precopy'>>;
+  precopySetup(p: OpaqueBox<'precopy'>): PrecopySetup;
+  precopyRound(p: OpaqueBox<'precopy'>, destination: PrecopyDestinationJson): Promise<RoundStats>;
+  precopyDecide(p: OpaqueBox<'precopy'>, limits: PrecopyLimits | null): PrecopyDecision;
+  precopyFinish(p: OpaqueBox<'precopy'>, destination: PrecopyDestinationJson): Promise<Buffer>;
+  precopyFinalStats(p: OpaqueBox<'precopy'>): PrecopyFinalStats | null;
+  precopyCommit(p: OpaqueBox<'precopy'>): Promise<void>;
+  precopyAbort(p: OpaqueBox<'precopy'>): Promise<void>;
+  precopyPhase(p: OpaqueBox<'precopy'>): 'tracking' | 'frozen' | 'over' | 'busy';
 }
 
 /** An error raised by the engine, with the engine's own one-line explanation as message. */

@@ -11,8 +11,19 @@
  * Any failure before commit: destination closes its server / kills what it built, and the source
  * calls session.abort(), which thaws the original exactly as it was.
  *
- * The Rust side: crates/tern-node (glue) → tern-core dump::SourceSession, pages::{PageServer,
- * PageSender}, restore::restore_with_files.
+ * Pre-copy replaces open/freeze/dump on the source (the process keeps running until finish):
+ *
+ *   source:      PrecopySession.open(pid)      → dirty tracking on (a brief freeze), process runs
+ *   source:      precopy.round(destination)    → one page stream per round: round 0 every page,
+ *                  ×N, with precopy.decide()      then each round's dirty set (later rounds win at
+ *                                                 the destination); decide() says when to stop
+ *   source:      precopy.finish(destination)   → freeze, last dirty set, tracking off; the image
+ *   destination: restoreProcess(image, server) → uses every stream committed so far, merged
+ *   source:      precopy.commit() | precopy.abort()
+ * abort() before finish only stops tracking: the process runs on exactly as before.
+ *
+ * The Rust side: crates/tern-node (glue) → tern-core dump::{SourceSession, PrecopySession},
+ * pages::{PageServer, PageSender}, restore::restore_with_files.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { FreezeReport } from '@tern/protocol';
@@ -61,6 +72,18 @@ export interface PageDestination {
   bandwidthBytesPerSec?: number;
 }
 
+/** The page server's live counters (all streams so far, failed and in-flight ones included). */
+export interface ServerProgress {
+  connectionsAccepted: number;
+  connectionsRejected: number;
+  streamsActive: number;
+  streamsCompleted: number;
+  streamsFailed: number;
+  dataPagesReceived: number;
+  zeroPagesReceived: number;
+  wireBytesReceived: number;
+}
+
 /** A fresh migration id and page token (crypto-random). */
 export function newPageCredentials(): { migrationId: string; token: string } {
   return { migrationId: randomUUID().replace(/-/g, ''), token: randomBytes(32).toString('hex') };
@@ -94,6 +117,12 @@ export class PageServer {
 
   stats(): TransferStats | undefined {
     return this.lastStats;
+  }
+
+  /** Live counters: connections, streams, pages and bytes received so far. */
+  progress(): ServerProgress {
+    if (this.closed) throw new EngineError('page server', `page server on port ${this.port} is closed`);
+    return callSync('page server', () => load().pageServerProgress(this.box));
   }
 
   /** Stops the server and drops every page it holds. Idempotent. */
@@ -160,4 +189,198 @@ export class SourceSession {
 export async function restoreProcess(image: Buffer, server: PageServer, opts: { checkInode?: boolean; waitTimeoutMs?: number } = {}): Promise<RestoreReport> {
   if (!server.stats()) await server.wait(opts.waitTimeoutMs ?? 60_000);
   return call('restore', () => load().restoreProcess(image, server.box, opts.checkInode ?? true));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-copy
+// ---------------------------------------------------------------------------------------------
+
+/** How dirty pages are found: soft-dirty bits, or userfaultfd write-protect + PAGEMAP_SCAN. */
+export type DirtyTracking = 'soft-dirty' | 'uffd-wp' | 'none';
+
+/** What decide() says. Same strings as @tern/protocol's PrecopyVerdict. */
+export type PrecopyVerdict = 'continue' | 'converged' | 'not-shrinking' | 'round-cap';
+
+export interface PrecopyOptions {
+  /** The fixed switchover cost (ns) added to every downtime prediction; default: measured at open. */
+  fixedCostNs?: number;
+}
+
+/** What open() did (times in ns). */
+export interface PrecopySetup {
+  tracking: DirtyTracking;
+  /** The setup freeze: tracking started while every thread was stopped. */
+  frozenNs: number;
+  /** The fixed switchover cost every prediction includes. */
+  fixedCostNs: number;
+  /** Pages of the first full set (what round 0 sends at most). */
+  fullPages: number;
+}
+
+/**
+ * One pre-copy round. Units: bytes, nanoseconds (…Ns), bytes per second (…BytesPerSec); counts are
+ * 4 KiB pages.
+ */
+export interface RoundStats {
+  /** 0 = the full first pass; then each round's dirty set. */
+  round: number;
+  /** Pages put into the round's stream (data + zero markers). */
+  pages: number;
+  zeroPages: number;
+  /** Page data bytes sent (zero markers carry none). */
+  bytes: number;
+  /** Sending the round: reading the pages, the stream, END and the destination's STATUS. */
+  elapsedNs: number;
+  /** Collecting the next dirty set (PAGEMAP_SCAN + re-protect, or pagemap + clear_refs). */
+  scanNs: number;
+  /** The pending set after the round: what the next round (or the freeze) must send. */
+  dirtyPages: number;
+  dirtyBytes: number;
+  /** Bytes the process wrote per second since the previous collect. */
+  dirtyRateBytesPerSec: number;
+  /** Bytes per second the rounds moved so far (cumulative). */
+  bandwidthBytesPerSec: number;
+  /** dirtyBytes ÷ bandwidth + the fixed switchover cost. */
+  predictedDowntimeNs: number;
+  /** Pages whose read failed (their mapping changed under us); carried into the next round. */
+  failedPages: number;
+  /** This round's stream, confirmed by the destination's STATUS (absent in finish()'s summary). */
+  transfer?: TransferStats;
+}
+
+/** Limits for decide(); absent fields take the engine's defaults (300 ms, 30 rounds, 0.9). */
+export interface PrecopyLimits {
+  maxDowntimeMs?: number;
+  /** Round 0 included. */
+  maxRounds?: number;
+  /** A round "shrinks" when its dirty set is under this fraction of the previous one. */
+  shrinkRatio?: number;
+}
+
+export interface PrecopyDecision {
+  verdict: PrecopyVerdict;
+  rounds: number;
+  /** The last round's prediction (0 before any round). */
+  predictedDowntimeNs: number;
+}
+
+/** What finish() moved inside the freeze, and the rounds before it. */
+export interface PrecopyFinalStats {
+  dump: DumpStats;
+  transfer: TransferStats;
+  /** Pages of the final dirty set (pending after the last round ∪ written since). */
+  finalDirtyPages: number;
+  /** Pages sent in a round whose content has gone since (overwritten in the final stream). */
+  stalePages: number;
+  /** From the final freeze to the end of the final dump (ns; the final STATUS wait comes on top). */
+  frozenNs: number;
+  freeze: FreezeReport;
+  rounds: RoundStats[];
+}
+
+/** @internal the exact shape the glue accepts (unknown fields are refused there). */
+export interface PrecopyDestinationJson {
+  address: string;
+  port: number;
+  migrationId: string;
+  token: string;
+  bandwidthBytesPerSec?: number;
+}
+
+function destinationJson(d: PageDestination): PrecopyDestinationJson {
+  const out: PrecopyDestinationJson = { address: d.address, port: d.port, migrationId: d.migrationId, token: d.token };
+  if (d.bandwidthBytesPerSec !== undefined && d.bandwidthBytesPerSec > 0) out.bandwidthBytesPerSec = d.bandwidthBytesPerSec;
+  return out;
+}
+
+/**
+ * The source side of a pre-copy migration. open() starts dirty tracking (a brief freeze; the
+ * process then runs on); each round() streams the pending pages to the destination's page server
+ * over its own connection, capped at destination.bandwidthBytesPerSec; decide() applies the
+ * convergence rules; finish() freezes the process and sends the rest with the image, returning
+ * what SourceSession.dump() returns; then exactly one of commit() or abort(). abort() at any
+ * point before commit leaves the process as it was (running, no userfaultfd, no tracking).
+ * Steps must not overlap: a round() while another round() or finish() runs is refused.
+ */
+export class PrecopySession {
+  private state: 'tracking' | 'frozen' | 'over' = 'tracking';
+  private readonly history: RoundStats[] = [];
+  private constructor(
+    readonly pid: number,
+    readonly setup: PrecopySetup,
+    private readonly box: OpaqueBox<'precopy'>,
+  ) {}
+
+  static async open(pid: number, opts: PrecopyOptions = {}): Promise<PrecopySession> {
+    validateTarget(pid);
+    const options = opts.fixedCostNs === undefined ? null : { fixedCostNs: opts.fixedCostNs };
+    const box = await call('precopy', () => load().precopyStart(pid, options));
+    return new PrecopySession(pid, load().precopySetup(box), box);
+  }
+
+  /** The rounds so far, oldest first. */
+  get rounds(): readonly RoundStats[] {
+    return this.history;
+  }
+
+  private tracking(what: string): void {
+    if (this.state !== 'tracking') throw new EngineError(what, `pre-copy of pid ${this.pid} is ${this.state === 'frozen' ? 'finished: commit or abort' : 'over'}`);
+  }
+
+  /** One round while the process runs. A failed round loses nothing: retry it or abort. */
+  async round(destination: PageDestination): Promise<RoundStats> {
+    this.tracking('precopy round');
+    const stats = await call('precopy round', () => load().precopyRound(this.box, destinationJson(destination)));
+    this.history.push(stats);
+    return stats;
+  }
+
+  /** Whether to go on: 'continue', or why to stop ('converged', 'not-shrinking', 'round-cap'). */
+  async decide(limits: PrecopyLimits = {}): Promise<PrecopyVerdict> {
+    return (await this.decision(limits)).verdict;
+  }
+
+  /** decide() with the figures it used. */
+  async decision(limits: PrecopyLimits = {}): Promise<PrecopyDecision> {
+    this.tracking('precopy decide');
+    return callSync('precopy decide', () => load().precopyDecide(this.box, limits));
+  }
+
+  /**
+   * The switchover: freeze, last dirty set, tracking off, image + final pages in one stream.
+   * Resolves to what SourceSession.dump() returns plus the pre-copy figures; the process stays
+   * frozen until commit() or abort(). If the final stream fails the process is thawed (it runs
+   * on, untracked) and this session is over; if the destination cannot even be reached, nothing
+   * happened and the session is still tracking.
+   */
+  async finish(destination: PageDestination): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats } & Omit<PrecopyFinalStats, 'dump' | 'transfer'>> {
+    this.tracking('precopy finish');
+    let image: Buffer;
+    try {
+      image = await call('precopy finish', () => load().precopyFinish(this.box, destinationJson(destination)));
+    } catch (err) {
+      // Unreachable destination: still tracking. Failed final stream: thawed, over.
+      const phase = load().precopyPhase(this.box);
+      if (phase !== 'busy') this.state = phase;
+      throw err;
+    }
+    this.state = 'frozen';
+    const stats = load().precopyFinalStats(this.box);
+    if (!stats) throw new EngineError('precopy finish', 'the engine returned no statistics for the final dump');
+    return { image, ...stats };
+  }
+
+  /** Kills the frozen original after finish(): the destination has the process. */
+  async commit(): Promise<void> {
+    if (this.state !== 'frozen') throw new EngineError('commit', `pre-copy of pid ${this.pid} is not finished: nothing to commit`);
+    await call('commit', () => load().precopyCommit(this.box));
+    this.state = 'over';
+  }
+
+  /** Stops tracking (before finish) or thaws the frozen original (after): the process as it was. Idempotent. */
+  async abort(): Promise<void> {
+    if (this.state === 'over') return;
+    await call('abort', () => load().precopyAbort(this.box));
+    this.state = 'over';
+  }
 }

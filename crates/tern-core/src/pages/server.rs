@@ -10,13 +10,24 @@
 //!          records → validated → written into a fresh staging PageStore of this connection
 //!          END valid → staging merged into the migration's store under the lock (a move when the
 //!                      store is empty), event Completed, then STATUS OK (so OK = committed)
-//!          any error → staging dropped (never half-applied), event Failed, STATUS <code>,
-//!                      short drain, close
+//!          any error → staging dropped (never half-applied), event Failed, STATUS <code>
+//!                      (SHUTTING_DOWN when the server is stopping), short drain, abortive close
+//!                      (RST): the source learns at once, even while blocked on a full window
 //! wait(timeout)       → next event: Completed → (the store, taken out; stats) | Failed → error
 //! wait_stream(timeout)→ next event without taking the store (pre-copy rounds: streams one after
 //!                       another merge into the same store, later pages win); take_store() later
-//! shutdown()          → stop accepting, shut every connection down, join all threads, drop store
+//! shutdown()          → stop accepting, shut every connection's read side (wakes its thread),
+//!                       join all threads (each ends as above), drop store
 //! ```
+//!
+//! Why the abortive close: a connection ended by the server while the source is still sending
+//! must not close gracefully. After `shutdown(SHUT_RD)` Linux stops sending window updates, so a
+//! source blocked on a full receive window stays blocked even once the queue is drained; a close
+//! with an empty queue then sends only a FIN, and the orphaned socket (FIN-WAIT-2) keeps
+//! advertising a zero window: the source's zero-window probes carry no new data, so nothing ever
+//! provokes a RST and the source sits until its io_timeout (60 s by default). With SO_LINGER 0
+//! the close always sends a RST, which wakes a blocked send at once; the STATUS written before it
+//! stays readable in the source's receive queue.
 //!
 //! Streams of one migration may also overlap in time; each commits at its own END, so where two
 //! streams carry the same page, the one whose END arrives last wins. The source must not run two
@@ -377,11 +388,13 @@ fn accept_loop(sh: Arc<Shared>, listener: TcpListener, wake: i32) {
             }
         }
     }
-    // Teardown: break every connection, then join their threads (without holding the lock).
+    // Teardown: wake every connection thread, then join them (without holding the lock). Only the
+    // read side is shut: a thread blocked in a read returns at once and can still write its
+    // STATUS (SHUTTING_DOWN) before it closes the connection with a RST (see the module header).
     let threads = {
         let mut st = sh.lock();
         for c in st.conns.values() {
-            let _ = c.shutdown(Shutdown::Both);
+            let _ = c.shutdown(Shutdown::Read);
         }
         std::mem::take(&mut st.threads)
     };
@@ -501,23 +514,46 @@ fn serve_conn(sh: &Shared, sock: TcpStream, peer: SocketAddr) {
             drop(staging);
             let totals = reader.totals();
             drop(reader);
-            let _ = (&sock).write_all(
-                &Status {
-                    code: error.status_code(),
-                    totals,
-                }
-                .encode_record(),
-            );
+            // A stream cut by shutdown() reads as EOF here: tell the source why.
+            let code = if sh.stop.load(Ordering::SeqCst) {
+                wire::status::SHUTTING_DOWN
+            } else {
+                error.status_code()
+            };
+            let _ = (&sock).write_all(&Status { code, totals }.encode_record());
             // Let the STATUS reach the source before the close turns into a reset: stop sending,
-            // then drain what is in flight for a moment.
+            // then drain what is in flight for a moment (returns at once after a shutdown()).
             let _ = sock.shutdown(Shutdown::Write);
             drain(&sock, Duration::from_millis(200));
+            // Whatever the source still sends must meet a RST, not a silent zero window.
+            set_abortive_close(&sock);
             bump(&sh.n.failed, 1);
             sh.lock().events.push_back(Event::Failed { peer, error });
             sh.cond.notify_all();
         }
     }
     let _ = sock.shutdown(Shutdown::Both);
+}
+
+/// Makes the last close of `sock` (and of its clone in `State::conns`: SO_LINGER belongs to the
+/// socket, not the descriptor) send a RST instead of a FIN. Best effort: if it fails, the close is
+/// graceful as before.
+fn set_abortive_close(sock: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: passes a pointer to a live `linger` and its exact size for a socket we own; the
+    // kernel only reads it during the call.
+    let _ = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
 }
 
 fn drain(sock: &TcpStream, for_: Duration) {
@@ -536,6 +572,58 @@ fn drain(sock: &TcpStream, for_: Duration) {
                         | io::ErrorKind::Interrupted
                 ) => {}
             Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pages::{PageSender, SenderOptions};
+
+    /// shutdown() right after the source has filled the pipe, then the source sends on: it must
+    /// learn within a moment, not at its io_timeout. Before the abortive close this hung now and
+    /// then, more often under CPU load (the server's socket drained after SHUT_RD without a window
+    /// update, closed with a FIN, and its orphan advertised a zero window until the source gave
+    /// up); timing-dependent, so it catches a regression only sometimes.
+    #[test]
+    fn shutdown_mid_stream_reaches_the_sender_at_once() {
+        let chunk = vec![0x5au8; 4 << 20];
+        for i in 0..10u64 {
+            let expected = Expected {
+                migration_id: MigrationId([7; 16]),
+                token: Token([0xab; 32]),
+            };
+            let srv = PageServer::bind("127.0.0.1:0".parse().unwrap(), expected.clone()).unwrap();
+            let opts = SenderOptions {
+                io_timeout: Duration::from_secs(20),
+                ..SenderOptions::default()
+            };
+            let mut tx = PageSender::connect(
+                srv.local_addr(),
+                expected.migration_id,
+                expected.token,
+                opts,
+            )
+            .unwrap();
+            tx.put_pages(0x1000, &chunk).unwrap();
+            srv.shutdown();
+            let t0 = Instant::now();
+            let r = (|| {
+                for n in 1..64u64 {
+                    tx.put_pages(0x1000 + n * (4 << 20), &chunk)?;
+                }
+                tx.finish().map(|_| ())
+            })();
+            let late = t0.elapsed();
+            assert!(
+                r.is_err(),
+                "iteration {i}: the stream cannot have completed"
+            );
+            assert!(
+                late < Duration::from_secs(3),
+                "iteration {i}: the sender learned only after {late:?}: {r:?}"
+            );
         }
     }
 }
