@@ -11,9 +11,10 @@
 //!
 //! The supported set follows DESIGN.md: regular files (deleted ones included), directories,
 //! pipes, FIFOs, eventfd, epoll, signalfd, timerfd, memfd, unix stream/dgram/seqpacket sockets,
-//! UDP sockets, TCP sockets in the states TCP repair restores (listen, established and the
-//! half-closed ones), /dev/null, /dev/zero, /dev/full, /dev/random, /dev/urandom. Everything else
-//! is a blocker, because a process restored without some of its kernel state would run on wrong.
+//! UDP sockets, TCP sockets in the states TCP repair restores (listen with an empty accept
+//! queue, established and the half-closed ones), /dev/null, /dev/zero, /dev/full, /dev/random,
+//! /dev/urandom. Everything else is a blocker, because a process restored without some of its
+//! kernel state would run on wrong.
 //! Blockers are listed in a fixed order: process-level rules first, then fds by number, then
 //! VMAs by address.
 
@@ -314,17 +315,23 @@ fn check_socket(fd: i32, socket: &SocketKind, verdict: &mut Verdict) {
                     tcp.state.name()
                 ),
             ),
-            SocketState::FinWait1
-            | SocketState::FinWait2
-            | SocketState::CloseWait
-            | SocketState::LastAck
-            | SocketState::Closing
-            | SocketState::TimeWait => verdict.block(
+            // ESTABLISHED and the half-closed states (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK,
+            // CLOSING) are carried by TCP repair, FINs included (files::tcp).
+            SocketState::TimeWait => verdict.block(
+                subject,
+                "tcp-state",
+                "TCP connection in state time-wait: the connection is over and TCP repair does not rebuild TIME_WAIT",
+            ),
+            // A listener's rx_queue in /proc/net/tcp is its accept queue: connections the kernel
+            // accepted that no fd holds yet. They cannot be carried (and the kill would reset
+            // them), so the dump refuses such a listener too; this is a snapshot, the queue of
+            // a busy server usually drains within microseconds.
+            SocketState::Listen if tcp.rx_queue > 0 => verdict.block(
                 subject,
                 "tcp-state",
                 format!(
-                    "TCP connection in state {}: half-closed connections are not carried yet (only ESTABLISHED ones are)",
-                    tcp.state.name()
+                    "listening TCP socket with {} connection(s) accepted by the kernel but not yet accept()ed by the process: they cannot be carried",
+                    tcp.rx_queue
                 ),
             ),
             _ => {}

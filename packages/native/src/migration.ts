@@ -60,6 +60,8 @@ export interface RestoreReport {
   bytesWritten: number;
   /** Things restored differently from the image (e.g. a session that does not exist here). */
   warnings: string[];
+  /** Connected TCP sockets whose peers were prompted (ICMP, RFC 6069) to retransmit at once after the resume. */
+  nudgedConnections: number;
 }
 
 export interface PageDestination {

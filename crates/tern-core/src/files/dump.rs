@@ -774,6 +774,19 @@ fn dump_tcp(
     if listening {
         let local = bound_address(n, file)?
             .ok_or_else(|| inconsistent(n, "tcp", "a listening socket without a local address"))?;
+        // Connections the kernel accepted but the process has not accept()ed yet are sockets
+        // no fd holds: they cannot be carried, and dropping them would reset their clients.
+        // (tcpi_unacked of a listener is its accept queue length.)
+        if info.unacked > 0 {
+            return Err(unsupported(
+                n,
+                "tcp",
+                format!(
+                    "listening socket {local} has {} connection(s) in its accept queue, accepted by the kernel but not yet by the process: they cannot be carried; retry when the process has accepted them",
+                    info.unacked
+                ),
+            ));
+        }
         return Ok(FdKindImage::TcpListen {
             family,
             local,
@@ -789,14 +802,11 @@ fn dump_tcp(
             options,
         });
     }
-    if info.state != super::tcp::TCP_ESTABLISHED {
+    if crate::image::fd::TcpConnState::from_code(info.state).is_none() {
         return Err(unsupported(
             n,
             "tcp",
-            format!(
-                "TCP connection in state {}: only ESTABLISHED connections are carried by TCP repair (half-closed states are not yet)",
-                crate::proc::net::SocketState::from_code(info.state).name()
-            ),
+            format!("TCP {}", super::tcp::refused_state(info.state)),
         ));
     }
     let local = os::getsockname(file)
@@ -806,8 +816,9 @@ fn dump_tcp(
     let peer = os::getpeername(file)
         .map_err(sys(n, "tcp", "getpeername"))?
         .map(inet_addr)
-        .ok_or_else(|| inconsistent(n, "tcp", "an established socket without a peer"))?;
-    let repair = super::tcp::dump_established(file)
+        .ok_or_else(|| inconsistent(n, "tcp", "a connected socket without a peer"))?;
+    // ESTABLISHED and the half-closed states; the others are refused with their reason.
+    let repair = super::tcp::dump_connection(file)
         .map_err(|e| unsupported(n, "tcp", format!("TCP repair of {local} <-> {peer}: {e}")))?;
     Ok(FdKindImage::TcpEstablished {
         family,

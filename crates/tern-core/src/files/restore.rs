@@ -82,6 +82,14 @@ pub enum FilesRestoreError {
     },
     #[error("fd {fd}: invalid image: {reason}")]
     InvalidImage { fd: i32, reason: String },
+    #[error("fd {fd} (tcp): TCP repair of {local} <-> {peer}: {source}")]
+    TcpRepair {
+        fd: i32,
+        local: String,
+        peer: String,
+        #[source]
+        source: Box<super::tcp::TcpRestoreError>,
+    },
 }
 
 fn sys(
@@ -467,18 +475,18 @@ impl Builder<'_> {
                 )?;
                 let local_addr = socket_addr(n, local)?;
                 let peer_addr = socket_addr(n, peer)?;
-                super::tcp::restore_established(
+                super::tcp::restore_connection(
                     &s,
                     &local_addr,
                     &peer_addr,
                     options.reuseaddr,
                     repair,
                 )
-                .map_err(|e| FilesRestoreError::Syscall {
+                .map_err(|source| FilesRestoreError::TcpRepair {
                     fd: n,
-                    kind,
-                    what: format!("TCP repair of {local} <-> {peer}: {}", e.what),
-                    errno: e.errno.unwrap_or(Errno(libc::EINVAL)),
+                    local: local.to_string(),
+                    peer: peer.to_string(),
+                    source: Box::new(source),
                 })?;
                 Ok(s)
             }

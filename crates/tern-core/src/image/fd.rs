@@ -155,19 +155,119 @@ pub struct TcpWindowImage {
     pub rcv_wup: u32,
 }
 
+/// The state of a carried TCP connection: ESTABLISHED or one of the half-closed states.
+///
+/// Which FIN each state holds (the FIN takes one sequence number, see [`TcpRepairImage`]):
+///
+/// | state       | our FIN        | peer's FIN |
+/// | ----------- | -------------- | ---------- |
+/// | established | -              | -          |
+/// | fin-wait1   | queued, unacked| -          |
+/// | fin-wait2   | acked          | -          |
+/// | close-wait  | -              | received   |
+/// | last-ack    | queued, unacked| received   |
+/// | closing     | queued, unacked| received   |
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TcpConnState {
+    #[default]
+    Established,
+    FinWait1,
+    FinWait2,
+    CloseWait,
+    LastAck,
+    Closing,
+}
+
+impl TcpConnState {
+    /// From TCP_INFO's tcpi_state (include/net/tcp_states.h); None for states not carried.
+    pub fn from_code(code: u8) -> Option<TcpConnState> {
+        Some(match code {
+            1 => TcpConnState::Established,
+            4 => TcpConnState::FinWait1,
+            5 => TcpConnState::FinWait2,
+            8 => TcpConnState::CloseWait,
+            9 => TcpConnState::LastAck,
+            11 => TcpConnState::Closing,
+            _ => return None,
+        })
+    }
+
+    /// tcpi_state value.
+    pub fn code(self) -> u8 {
+        match self {
+            TcpConnState::Established => 1,
+            TcpConnState::FinWait1 => 4,
+            TcpConnState::FinWait2 => 5,
+            TcpConnState::CloseWait => 8,
+            TcpConnState::LastAck => 9,
+            TcpConnState::Closing => 11,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcpConnState::Established => "ESTABLISHED",
+            TcpConnState::FinWait1 => "FIN_WAIT1",
+            TcpConnState::FinWait2 => "FIN_WAIT2",
+            TcpConnState::CloseWait => "CLOSE_WAIT",
+            TcpConnState::LastAck => "LAST_ACK",
+            TcpConnState::Closing => "CLOSING",
+        }
+    }
+
+    /// This side has shut down writing: its FIN is at the end of the send sequence space.
+    pub fn our_fin(self) -> bool {
+        matches!(
+            self,
+            TcpConnState::FinWait1
+                | TcpConnState::FinWait2
+                | TcpConnState::LastAck
+                | TcpConnState::Closing
+        )
+    }
+
+    /// Our FIN has been acknowledged by the peer (only FIN_WAIT2 among the carried states).
+    pub fn our_fin_acked(self) -> bool {
+        self == TcpConnState::FinWait2
+    }
+
+    /// The peer's FIN has been received: it ends the receive sequence space.
+    pub fn peer_fin(self) -> bool {
+        matches!(
+            self,
+            TcpConnState::CloseWait | TcpConnState::LastAck | TcpConnState::Closing
+        )
+    }
+}
+
 /// Everything TCP repair needs to rebuild a connection (see [`crate::files::tcp`]).
+///
+/// The two sequence numbers are what TCP_QUEUE_SEQ reports, so they count FINs: a FIN takes one
+/// sequence number. `send_seq` includes our FIN when [`TcpConnState::our_fin`], `recv_seq` the
+/// peer's when [`TcpConnState::peer_fin`]; the queues and `unsent` hold data bytes only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpRepairImage {
-    /// TCP_QUEUE_SEQ of the send queue: write_seq, the sequence after the last queued byte.
+    /// The connection's state. Images written before half-closed states were carried lack the
+    /// field: they are ESTABLISHED.
+    #[serde(default)]
+    pub state: TcpConnState,
+    /// TCP_QUEUE_SEQ of the send queue: write_seq, the sequence after the last queued byte (our
+    /// FIN included).
     pub send_seq: u32,
-    /// TCP_QUEUE_SEQ of the receive queue: rcv_nxt, the sequence after the last received byte.
+    /// TCP_QUEUE_SEQ of the receive queue: rcv_nxt, the sequence after the last received byte
+    /// (the peer's FIN included).
     pub recv_seq: u32,
-    /// The whole send queue (sent-but-unacked bytes, then not-yet-sent bytes).
+    /// The whole send queue, data only (sent-but-unacked bytes, then not-yet-sent bytes).
     pub send_queue: Blob,
-    /// How many bytes at the END of `send_queue` were never sent (SIOCOUTQNSD): written after
-    /// repair mode is left, like an application write.
+    /// How many data bytes at the END of `send_queue` were never sent (SIOCOUTQNSD without our
+    /// FIN): written after repair mode is left, like an application write.
     pub unsent: u32,
+    /// Our FIN was queued but never transmitted (it waits behind unsent data or a closed
+    /// window): the destination replays it with a plain shutdown(SHUT_WR) after the unsent data.
+    #[serde(default)]
+    pub fin_unsent: bool,
     /// Received bytes the application has not read yet.
     pub recv_queue: Blob,
     pub window: TcpWindowImage,
@@ -337,13 +437,15 @@ pub enum FdKindImage {
         sndbuf: u32,
         rcvbuf: u32,
     },
-    /// A listening TCP socket (its accept queue is not carried: pending connections are lost).
+    /// A listening TCP socket. Its accept queue is not carried: a listener holding connections
+    /// the process has not accept()ed yet is refused at dump (and by `migrate check`).
     TcpListen {
         family: InetFamily,
         local: InetAddr,
         backlog: u32,
         options: SocketOptions,
-        /// Connections waiting in the accept queue at dump time (informational: not carried).
+        /// Connections waiting in the accept queue at dump time: always 0 in images written since
+        /// such listeners are refused (older images: informational, they were lost).
         #[serde(default)]
         pending: u32,
     },
@@ -353,7 +455,8 @@ pub enum FdKindImage {
         local: Option<InetAddr>,
         options: SocketOptions,
     },
-    /// An ESTABLISHED TCP connection, checkpointed with TCP repair ([`crate::files::tcp`]).
+    /// A connected TCP socket, ESTABLISHED or half-closed (`repair.state`), checkpointed with TCP
+    /// repair ([`crate::files::tcp`]). The tag keeps its old name for image compatibility.
     TcpEstablished {
         family: InetFamily,
         local: InetAddr,

@@ -141,6 +141,9 @@ pub struct RestoredProcess {
     pub bytes_written: u64,
     /// Things restored differently from the image (e.g. a session that does not exist here).
     pub warnings: Vec<String>,
+    /// Connected TCP sockets whose peers were nudged to retransmit at once
+    /// ([`crate::files::tcp::nudge_peers`]), in the background after the process resumed.
+    pub nudged_connections: usize,
 }
 
 /// Restore failed; the half-built process (if any) was killed and reaped.
@@ -212,7 +215,18 @@ pub fn restore_with_files(
     files: &crate::files::RecreateOptions,
 ) -> Result<RestoredProcess, RestoreError> {
     let recreated = crate::files::recreate_fds(&image.fds, files)?;
-    restore(image, pages, RestoreOptions::with_files(recreated))
+    let mut restored = restore(image, pages, RestoreOptions::with_files(recreated))?;
+    // The peers of its connections may be waiting out a retransmission backoff that grew while
+    // the source dropped their segments: prompt them now (RFC 6069 reverts, files/tcp/nudge.rs).
+    // On its own thread: the process already runs, and nothing here waits for the ICMPs.
+    let targets = crate::files::tcp::nudge_targets(&image.fds);
+    restored.nudged_connections = targets.len();
+    if !targets.is_empty() {
+        let _ = std::thread::Builder::new()
+            .name("tern-nudge".into())
+            .spawn(move || crate::files::tcp::nudge_peers(&targets, Default::default()));
+    }
+    Ok(restored)
 }
 
 /// Checks what restore checks before cloning anything (pid free, files, vdso): `migrate check`

@@ -237,6 +237,7 @@ pub(crate) fn run(
         pages_written: driver.pages_written,
         bytes_written: driver.bytes_written,
         warnings,
+        nudged_connections: 0,
     })
 }
 
