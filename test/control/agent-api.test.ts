@@ -108,7 +108,7 @@ t.test('destination readiness is checked for real; the engine is called only whe
 });
 
 /** An engine double: records the calls the agent makes, in order. */
-function engineDouble(opts: { failDump?: boolean; dumpMs?: number } = {}) {
+function engineDouble(opts: { failDump?: boolean; dumpMs?: number; verdict?: 'continue' | 'not-shrinking'; dirtyRate?: number } = {}) {
   const calls: string[] = [];
   const engine: MigrationEngine = {
     async startPageServer(o) {
@@ -129,9 +129,27 @@ function engineDouble(opts: { failDump?: boolean; dumpMs?: number } = {}) {
         abort: async () => void calls.push('abort'),
       };
     },
+    async openPrecopy(pid) {
+      calls.push(`PrecopySession.open ${pid}`);
+      let n = 0;
+      return {
+        round: async (d) => {
+          calls.push(`round ${n} ${d.address}:${d.port}`);
+          const pages = n === 0 ? 100 : 10;
+          return { round: n++, pages, bytes: pages * 4096, elapsedMs: 1, scanMs: 0.1, dirtyRateBytesPerSec: opts.dirtyRate ?? 1e6, bandwidthBytesPerSec: 1e8, predictedDowntimeMs: 2 };
+        },
+        decide: async () => (calls.push('decide'), n >= 3 ? 'converged' : opts.verdict ?? 'continue'),
+        finish: async (d) => {
+          calls.push(`finish ${d.address}:${d.port}`);
+          return { image: Buffer.from('img'), freeze: { threads: [pid], elapsedNs: 1000 }, dump: { dataPages: 10, zeroPages: 0, skippedPages: 0, bytes: 40960, pagesElapsedNs: 1, elapsedNs: 1 }, transfer: { dataPages: 10, zeroPages: 0, records: 1, payloadBytes: 40960, wireBytes: 41000, elapsedSecs: 0.001, throughputBytesPerSec: 4e7 } };
+        },
+        commit: async () => void calls.push('precopy.commit'),
+        abort: async () => void calls.push('precopy.abort'),
+      };
+    },
     async restore(image) {
       calls.push(`restore ${image.toString()}`);
-      return { pid: 4242, threads: [4242], timings: { cloneNs: 1, memoryNs: 1, threadsNs: 1, totalNs: 3 }, pagesWritten: 1, bytesWritten: 4096, warnings: [] };
+      return { pid: 4242, threads: [4242], timings: { cloneNs: 1, memoryNs: 1, threadsNs: 1, totalNs: 3 }, pagesWritten: 1, bytesWritten: 4096, warnings: [], nudgedConnections: 0 };
     },
   };
   return { engine, calls };
@@ -192,4 +210,37 @@ t.test('a failed dump thaws the source; abort during a dump waits for it and tha
   t.equal((await dumping).statusCode, 409, 'the dump answers: aborted');
   t.equal(slow.calls.filter((c) => c === 'abort').length, 1, 'thawed exactly once');
   t.equal((await b.app.inject({ method: 'POST', url: '/v1/migrations/ms/abort', headers: auth })).statusCode, 200, 'abort is idempotent');
+});
+
+t.test('pre-copy roles (engine double): start, rounds with verdicts, switchover finishes it, commit; abort mid-way', async (t) => {
+  const { engine, calls } = engineDouble();
+  const { app } = buildAgentApp(config, { engine });
+  t.teardown(() => app.close());
+  const post = (url: string, payload?: object) => app.inject({ method: 'POST', url, headers: auth, ...(payload && { payload }) });
+  t.equal((await post('/v1/migrations/mpre/precopy/round')).statusCode, 404, 'a round without a pre-copy');
+  const start = await post('/v1/migrations/mpre/precopy', { pid: 78, destination, maxDowntimeMs: 50, autoConverge: false });
+  t.equal(start.statusCode, 200);
+  t.equal(start.json().state, 'precopy');
+  t.equal((await post('/v1/migrations/mpre/precopy', { pid: 78, destination })).statusCode, 409, 'a second start');
+  const verdicts: string[] = [];
+  for (let i = 0; i < 3; i++) {
+    const r = await post('/v1/migrations/mpre/precopy/round');
+    t.equal(r.statusCode, 200);
+    t.equal(r.json().round.round, i);
+    verdicts.push(r.json().verdict);
+  }
+  t.same(verdicts, ['continue', 'continue', 'converged']);
+  const src = await post('/v1/migrations/mpre/source', { pid: 78, destination });
+  t.equal(src.statusCode, 200, 'the switchover takes over the pre-copy session');
+  t.same(src.json().freeze, { threads: [78], elapsedNs: 1000 });
+  t.equal((await post('/v1/migrations/mpre/precopy/round')).statusCode, 409, 'no round after the switchover');
+  t.equal((await post('/v1/migrations/mpre/commit')).json().state, 'committed');
+  t.same(calls, ['PrecopySession.open 78', 'round 0 127.0.0.1:9', 'decide', 'round 1 127.0.0.1:9', 'decide', 'round 2 127.0.0.1:9', 'decide', 'finish 127.0.0.1:9', 'precopy.commit']);
+
+  calls.length = 0;
+  t.equal((await post('/v1/migrations/mpre2/precopy', { pid: 79, destination })).statusCode, 200);
+  t.equal((await post('/v1/migrations/mpre2/precopy/round')).statusCode, 200);
+  const aborted = await post('/v1/migrations/mpre2/abort');
+  t.equal(aborted.json().state, 'aborted');
+  t.same(calls, ['PrecopySession.open 79', 'round 0 127.0.0.1:9', 'decide', 'precopy.abort'], 'abort stops tracking; nothing was frozen');
 });

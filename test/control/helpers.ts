@@ -53,7 +53,7 @@ export function coordinatorOn(t: Teardownable, database: string, hosts: HostReco
   return { ...c, listening };
 }
 
-export type Step = 'check' | 'kernel' | 'prepare' | 'source' | 'restore' | 'commit' | 'abort';
+export type Step = 'check' | 'kernel' | 'prepare' | 'precopy' | 'round' | 'source' | 'restore' | 'commit' | 'abort';
 
 export interface FakeAgentScript {
   /** Steps answered with an error: status and machine code. */
@@ -61,6 +61,8 @@ export interface FakeAgentScript {
   /** Steps that take this long (ms) before answering. */
   delay?: Partial<Record<Step, number>>;
   movable?: boolean;
+  /** Pre-copy: the verdict of each round in turn (then 'converged'). */
+  verdicts?: string[];
 }
 
 /**
@@ -97,6 +99,25 @@ export async function fakeAgent(t: Teardownable, name: string, script: FakeAgent
     answer('prepare', req.params.id, req.body, reply, () => {
       state.set(req.params.id, 'prepared');
       return { id: req.params.id, ready: true, blockers: [], pageServer: { address: '127.0.0.1', port: 9, migrationId: req.params.id, token: 'a'.repeat(64) } };
+    }),
+  );
+  app.post<{ Params: { id: string } }>('/v1/migrations/:id/precopy', async (req, reply) =>
+    answer('precopy', req.params.id, req.body, reply, () => {
+      state.set(req.params.id, 'precopy');
+      return { id: req.params.id, role: 'source', state: 'precopy', pid: (req.body as { pid: number }).pid };
+    }),
+  );
+  let rounds = 0;
+  app.post<{ Params: { id: string } }>('/v1/migrations/:id/precopy/round', async (req, reply) =>
+    answer('round', req.params.id, undefined, reply, () => {
+      const n = rounds++;
+      const pages = n === 0 ? 1000 : Math.max(1, 400 >> n);
+      return {
+        id: req.params.id,
+        round: { round: n, pages, bytes: pages * 4096, elapsedMs: 10, scanMs: 0.5, dirtyRateBytesPerSec: 2e6, bandwidthBytesPerSec: 4e8, predictedDowntimeMs: 5 + pages / 100 },
+        verdict: script.verdicts?.[n] ?? 'converged',
+        throttlePercent: n >= 2 ? 20 : 0,
+      };
     }),
   );
   app.post<{ Params: { id: string } }>('/v1/migrations/:id/source', async (req, reply) => {

@@ -64,6 +64,41 @@ t.test('failures before the commit point roll back: destination first, then sour
   }
 });
 
+t.test('pre-copy: rounds until the verdict says stop, each a progress event, then the same switchover', async (t) => {
+  const a = await fakeAgent(t, 'hostA', { verdicts: ['continue', 'continue', 'not-shrinking'] });
+  const b = await fakeAgent(t, 'hostB');
+  const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
+  const events: MigrationEvent[] = [];
+  coordinator.subscribe(null, (e) => events.push(e));
+  const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'precopy', maxDowntimeMs: 50, bandwidth: 100 }).id);
+  t.equal(rec.state, 'done');
+  t.same(a.steps(), ['check', 'kernel', 'precopy', 'round', 'round', 'round', 'source', 'commit']);
+  const start = a.calls.find((c) => c.step === 'precopy')!.body as { maxDowntimeMs: number; bandwidthBytesPerSec: number; autoConverge: boolean; fixedCostMs: number };
+  t.match(start, { maxDowntimeMs: 50, bandwidthBytesPerSec: 100_000_000, autoConverge: true });
+  t.ok(start.fixedCostMs > 0, 'the switchover cost estimate goes with it');
+  t.equal(rec.stats.rounds, 3, '3 rounds while it ran (the final dirty set moves inside the freeze)');
+  const progress = events.filter((e) => e.type === 'progress' && e.state === 'precopy');
+  t.same(progress.map((e) => e.progress!.round), [0, 1, 2]);
+  t.same(progress.map((e) => e.progress!.pages), [1000, 200, 100]);
+  t.equal(progress[2]!.progress!.throttlePercent, 20, 'the throttle is reported');
+  t.ok(events.some((e) => /pre-copy ends after 3 rounds: the dirty set stopped shrinking/.test(e.message)));
+  t.equal(rec.stats.bytes, (1000 + 200 + 100) * 4096 + 41000, 'bytes: every round plus the switchover');
+  const text = await coordinator.metrics.registry.metrics();
+  t.match(text, /tern_precopy_rounds_total 3/);
+  t.match(text, /tern_migrations_total\{mode="precopy",result="done"\} 1/);
+});
+
+t.test('pre-copy: a failing round rolls back without freezing', async (t) => {
+  const a = await fakeAgent(t, 'hostA', { fail: { round: { status: 422, error: 'precopy-round', message: 'page stream broke' } } });
+  const b = await fakeAgent(t, 'hostB');
+  const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
+  const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'precopy' }).id);
+  t.equal(rec.state, 'failed');
+  t.match(rec.failure, { kind: 'engine', phase: 'precopy' });
+  t.same(a.steps(), ['check', 'kernel', 'precopy', 'round', 'abort']);
+  t.same(b.steps(), ['prepare', 'abort']);
+});
+
 t.test('abort during the switchover: both agents told, record aborted, too late after commit', async (t) => {
   const a = await fakeAgent(t, 'hostA', { delay: { source: 500 } });
   const b = await fakeAgent(t, 'hostB');

@@ -25,10 +25,14 @@ import {
   checkRequestSchema,
   errorSchema,
   migrationIdParamsSchema,
+  precopyStartRequestSchema,
   prepareRequestSchema,
   prepareResponseSchema,
   restoreRequestSchema,
   sourceRequestSchema,
+  type FreezeReport,
+  type PrecopyRoundResponse,
+  type PrecopyStartRequest,
   type PrepareRequest,
   type PrepareResponse,
   type RestoreRequest,
@@ -37,7 +41,7 @@ import {
 } from '@tern/protocol';
 
 import type { AgentConfig } from './config.js';
-import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine } from './engine.js';
+import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine, type SourceSessionHandle } from './engine.js';
 import { destinationBlockers } from './readiness.js';
 import { watchTcpResume } from './tcp-resume.js';
 import { AgentSession, SessionTable } from './sessions.js';
@@ -190,6 +194,10 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         throw err;
       }
       refreshActive();
+      if (ownServiceAddresses.size) {
+        // Before the restore claims them: see guardRestore (removed after the restore or by abort).
+        await guardRestore(id, [...ownServiceAddresses]).catch((err: Error) => request.log.warn(`restore guard: ${err.message}`));
+      }
       const server = session.pageServer;
       // A server bound to every address is reached at the one the coordinator reaches us at.
       const address = config.advertise ?? (server.address === '0.0.0.0' || server.address === '::' ? request.hostname.replace(/:\d+$/, '') : server.address);
@@ -224,8 +232,10 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       const details: HandoffDetails = { migrationId: id, pid: session.pid, from: request.body.from ?? '', to: request.body.to ?? config.name };
       const call = countOp('restore', async () => {
         if (addresses.length || config.addressHook) {
-          // No RST for a peer whose segment arrives before its socket is rebuilt (network.ts).
-          await guardRestore(id, addresses);
+          // No RST for a peer whose segment arrives before its socket is rebuilt (network.ts);
+          // this host's own service addresses are guarded from prepare on, out of the downtime.
+          const unguarded = addresses.filter((a) => !ownServiceAddresses.has(a));
+          if (unguarded.length) await guardRestore(id, unguarded);
           // Recorded before the claim: a claim that fails half-way is still given back by undo().
           session.handoff = { addresses, giveBack: () => handoff.release(addresses, 'destination', details) };
           try {
@@ -235,9 +245,13 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
           }
         }
         try {
-          return await engine.restore(image, server);
-        } finally {
+          const report = await engine.restore(image, server);
+          // The sockets exist: the guard goes, but not inside the downtime.
+          void unguardRestore(id).catch(() => {});
+          return report;
+        } catch (err) {
           await unguardRestore(id).catch(() => {});
+          throw err;
         }
       });
       session.inFlight = call;
@@ -285,32 +299,54 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       const { id } = request.params;
       const { pid, destination, bandwidthBytesPerSec } = request.body;
       const details: HandoffDetails = { migrationId: id, pid, from: request.body.from ?? config.name, to: request.body.to ?? '' };
-      if (sessions.get(id)) throw new HttpError(409, 'conflict', `migration ${id} already has a session on this agent`);
-      if (missing().length) throw new EngineUnavailableError(missing());
-      const session = new AgentSession(id, 'source', pid, 'freezing');
-      sessions.add(session);
+      // After pre-copy rounds the session exists already: the switchover finishes it.
+      const existing = sessions.get(id);
+      const precopy = existing?.role === 'source' && existing.pid === pid && existing.is('precopy') ? existing.precopy : null;
+      if (existing && !precopy) throw new HttpError(409, 'conflict', `migration ${id} already has a session on this agent (${existing.role}, ${existing.state})`);
+      if (!precopy && missing().length) throw new EngineUnavailableError(missing());
+      const session = existing ?? new AgentSession(id, 'source', pid, 'freezing');
+      if (existing) session.set('freezing');
+      else sessions.add(session);
       refreshActive();
+      const pageDestination = { ...destination, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) };
       const work = (async () => {
-        const handle = await countOp('open', () => engine.openSource(pid));
-        session.source = handle;
-        if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
         // Network lock (network.ts): the process's TCP connections go silent here until commit
         // or rollback, so the source kernel neither ACKs nor resets while they move.
         const lock = new NetworkLock(id, pid);
-        await lock.lock();
-        session.frozenAt = process.hrtime.bigint();
-        const freeze = await countOp('freeze', () => handle.freeze());
-        // Connections accepted between the lock and the freeze: the process is stopped, the set is final.
-        await lock.extend();
-        if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
-        session.set('dumping');
-        const out = await countOp('dump', () => handle.dump({ ...destination, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) }));
-        const frozenMs = Number(process.hrtime.bigint() - session.frozenAt) / 1e6;
+        // Which service addresses go with the process: looked up before the freeze, out of the downtime.
+        const addresses = await handoff.addressesOf(pid);
+        let freeze: FreezeReport;
+        let out: Awaited<ReturnType<SourceSessionHandle['dump']>>;
+        if (precopy) {
+          await lock.lock();
+          session.frozenAt = process.hrtime.bigint();
+          session.set('dumping');
+          // Freeze, last dirty set, image — one engine call; the throttle is no longer needed.
+          const finished = await countOp('precopy-finish', () => precopy.finish(pageDestination));
+          session.source = { freeze: async () => finished.freeze!, dump: async () => finished, commit: () => precopy.commit(), abort: () => precopy.abort() };
+          session.precopy = null;
+          await session.releaseThrottle();
+          await lock.extend();
+          freeze = finished.freeze ?? { threads: [], elapsedNs: 0 };
+          out = finished;
+        } else {
+          const handle = await countOp('open', () => engine.openSource(pid));
+          session.source = handle;
+          if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
+          await lock.lock();
+          session.frozenAt = process.hrtime.bigint();
+          freeze = await countOp('freeze', () => handle.freeze());
+          // Connections accepted between the lock and the freeze: the process is stopped, the set is final.
+          await lock.extend();
+          if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
+          session.set('dumping');
+          out = await countOp('dump', () => handle.dump(pageDestination));
+        }
+        const frozenMs = Number(process.hrtime.bigint() - session.frozenAt!) / 1e6;
         if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
         const result = Buffer.isBuffer(out) ? { image: out } : out;
         // Address handoff: the service addresses the original serves on leave this host now; the
         // destination claims them before it restores (its sockets are bound to them).
-        const addresses = await handoff.addressesOf(pid);
         if (addresses.length || config.addressHook) {
           session.handoff = { addresses, giveBack: () => handoff.claim(addresses, 'source', details) };
           try {
@@ -362,6 +398,77 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
     },
   );
 
+  // ---------------------------------------------------------------- source role: pre-copy
+
+  app.post<IdParams & { Body: PrecopyStartRequest }>(
+    '/v1/migrations/:id/precopy',
+    { schema: { params: migrationIdParamsSchema, body: precopyStartRequestSchema, response: errorResponses } },
+    async (request) => {
+      const { id } = request.params;
+      const body = request.body;
+      if (sessions.get(id)) throw new HttpError(409, 'conflict', `migration ${id} already has a session on this agent`);
+      const session = new AgentSession(id, 'source', body.pid, 'precopy');
+      session.precopyOptions = body;
+      sessions.add(session);
+      refreshActive();
+      try {
+        session.precopy = await countOp('precopy-start', () => engine.openPrecopy(body.pid, body.fixedCostMs !== undefined ? { fixedCostMs: body.fixedCostMs } : {}));
+      } catch (err) {
+        sessions.delete(id); // nothing is left in the process: no trace of this migration
+        refreshActive();
+        throw err;
+      }
+      return session.status();
+    },
+  );
+
+  app.post<IdParams>(
+    '/v1/migrations/:id/precopy/round',
+    { schema: { params: migrationIdParamsSchema, response: errorResponses } },
+    async (request): Promise<PrecopyRoundResponse> => {
+      const { id } = request.params;
+      const session = sessions.get(id);
+      if (!session || session.role !== 'source') throw notFound(id);
+      const precopy = session.precopy;
+      const opts = session.precopyOptions;
+      if (!session.is('precopy') || !precopy || !opts) throw new HttpError(409, 'conflict', `migration ${id} is ${session.state} here, not in pre-copy`);
+      if (session.inFlight) throw new HttpError(409, 'conflict', `migration ${id} already runs a round`);
+      const work = (async () => {
+        const destination = { ...opts.destination, ...(opts.bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec: opts.bandwidthBytesPerSec }) };
+        const round = await countOp('precopy-round', () => precopy.round(destination));
+        metrics.pageBytesTotal.inc({ direction: 'sent' }, round.bytes);
+        let verdict = await precopy.decide({
+          ...(opts.maxDowntimeMs !== undefined && { maxDowntimeMs: opts.maxDowntimeMs }),
+          ...(opts.maxRounds !== undefined && { maxRounds: opts.maxRounds }),
+        });
+        // Auto-converge (QEMU's rule of thumb): the process dirties more than half of what the link
+        // carries, so the rounds chase it — take CPU from it, one step per round, and keep going
+        // while a step is left.
+        const outruns = round.round > 0 && round.dirtyRateBytesPerSec !== null && round.bandwidthBytesPerSec !== null && round.dirtyRateBytesPerSec > 0.5 * round.bandwidthBytesPerSec;
+        if (opts.autoConverge !== false && outruns && (verdict === 'not-shrinking' || verdict === 'continue')) {
+          const stepped = await session.throttleStep();
+          if (stepped && verdict === 'not-shrinking') verdict = 'continue';
+        }
+        return { id, round, verdict, throttlePercent: session.throttle?.current()?.percentOff ?? 0 } satisfies PrecopyRoundResponse;
+      })();
+      session.inFlight = work;
+      try {
+        return await work;
+      } catch (err) {
+        if (session.is('precopy')) {
+          // A failed round ends the pre-copy: tracking off, throttle gone, the process as it was.
+          session.set('aborting', (err as Error).message);
+          await session.undo().catch(() => {});
+          session.set('failed');
+          refreshActive();
+        }
+        throw err;
+      } finally {
+        session.inFlight = null;
+      }
+    },
+  );
+
   // ---------------------------------------------------------------- both roles
 
   app.post<IdParams>(
@@ -382,6 +489,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
           await session.source!.close?.();
         } else {
           await session.pageServer?.close();
+          await unguardRestore(id).catch(() => {});
         }
       });
       session.set('committed');

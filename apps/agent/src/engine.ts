@@ -1,10 +1,9 @@
 /**
  * The migration roles of the engine, as this agent reaches them: through @tern/native only.
  *
- * packages/native/src/migration.ts is the contract; its Rust glue is being built. Until the functions
- * below exist (or while they throw EngineError('unavailable', …)), the routes that need them answer
- * 501 instead of pretending. We look them up at run time, not at compile time, so that this agent
- * builds against either version of @tern/native and starts using the engine the moment it lands.
+ * packages/native/src/migration.ts is the contract. The functions are looked up at run time: a build
+ * of @tern/native without one of them (or one that throws EngineError('unavailable', …)) makes the
+ * routes that need it answer 501 instead of pretending.
  *
  * The exact calls, in the order the agent makes them:
  *   destination  PageServer.start({ address, port: 0, migrationId, token })   → { address, port, stats(), close() }
@@ -13,6 +12,10 @@
  *   source       session.freeze()                                             → FreezeReport
  *   source       session.dump(destination: PageDestination)                   → { image: Buffer, dump, transfer }
  *   destination  restoreProcess(image: Buffer, server)                        → RestoreReport
+ *   source       pre-copy instead of open/freeze/dump:
+ *                PrecopySession.open(pid)                                    → precopy (tracking on, process runs)
+ *                precopy.round(destination) … precopy.decide(limits)        → one round's stats, then the verdict
+ *                precopy.finish(destination)                                 → freeze, last dirty pages, image
  *   source       session.commit()   (the original is killed)
  *   source       session.abort()    (before commit: the original thawed exactly as it was)
  *   destination  server.close()
@@ -20,7 +23,7 @@
 import * as native from '@tern/native';
 import { EngineError } from '@tern/native';
 import type { DumpStats, PageDestination, RestoreReport, TransferStats } from '@tern/native';
-import type { FreezeReport } from '@tern/protocol';
+import type { FreezeReport, PrecopyRound, PrecopyVerdict } from '@tern/protocol';
 
 export interface PageServerHandle {
   readonly address: string;
@@ -39,13 +42,39 @@ export interface SourceSessionHandle {
   close?(): Promise<void>;
 }
 
+/** One pre-copy round as the agent reports it (protocol units: ms, bytes, bytes/s). */
+export type PrecopyRoundReport = PrecopyRound;
+
+export interface PrecopyHandle {
+  /** Sends the pages dirtied since the last round (round 0: all) while the process runs. */
+  round(destination: PageDestination): Promise<PrecopyRoundReport>;
+  /** The engine's convergence test over the rounds so far. */
+  decide(limits: { maxDowntimeMs?: number; maxRounds?: number }): Promise<PrecopyVerdict>;
+  /** Freezes the process and sends the last dirty pages; the image as SourceSession.dump returns it. */
+  finish(destination: PageDestination): Promise<{ image: Buffer; dump?: DumpStats; transfer?: TransferStats; freeze?: FreezeReport }>;
+  commit(): Promise<void>;
+  /** Stops tracking (and thaws, after finish) — the process as it was. */
+  abort(): Promise<void>;
+}
+
 export interface MigrationEngine {
   startPageServer(opts: { address: string; port: number; migrationId: string; token: string }): Promise<PageServerHandle>;
   openSource(pid: number): Promise<SourceSessionHandle>;
+  /** fixedCostMs: what a switchover costs beyond moving the last dirty pages (freeze, image, restore). */
+  openPrecopy(pid: number, opts?: { fixedCostMs?: number }): Promise<PrecopyHandle>;
   restore(image: Buffer, server: PageServerHandle): Promise<RestoreReport>;
 }
 
+interface NativePrecopySession {
+  round(dest: PageDestination): Promise<native.RoundStats>;
+  decide(limits?: { maxDowntimeMs?: number; maxRounds?: number }): Promise<PrecopyVerdict>;
+  finish(dest: PageDestination): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats; freeze: FreezeReport }>;
+  commit(): Promise<void>;
+  abort(): Promise<void>;
+}
+
 interface NativeMigrationExports {
+  PrecopySession?: { open?: (pid: number, opts?: { fixedCostNs?: number }) => Promise<NativePrecopySession> };
   PageServer?: { start?: (opts: { address: string; port: number; migrationId: string; token: string }) => Promise<PageServerHandle> };
   SourceSession?: { open?: (pid: number) => SourceSessionHandle | Promise<SourceSessionHandle> };
   restoreProcess?: (image: Buffer, server: PageServerHandle) => Promise<RestoreReport>;
@@ -89,6 +118,31 @@ export function nativeMigrationEngine(mod: unknown = native): MigrationEngine {
       const open = m.SourceSession?.open;
       if (typeof open !== 'function') throw new EngineUnavailableError(['SourceSession.open']);
       return open.call(m.SourceSession, pid);
+    },
+    async openPrecopy(pid, opts = {}) {
+      const open = m.PrecopySession?.open;
+      if (typeof open !== 'function') throw new EngineUnavailableError(['PrecopySession.open']);
+      const session = await open.call(m.PrecopySession, pid, opts.fixedCostMs !== undefined ? { fixedCostNs: Math.round(opts.fixedCostMs * 1e6) } : {});
+      const ms = (ns: number | null | undefined) => (ns === null || ns === undefined ? null : ns / 1e6);
+      return {
+        async round(destination) {
+          const r = await session.round(destination);
+          return {
+            round: r.round,
+            pages: r.pages,
+            bytes: r.bytes,
+            elapsedMs: ms(r.elapsedNs) ?? 0,
+            scanMs: ms(r.scanNs) ?? 0,
+            dirtyRateBytesPerSec: r.dirtyRateBytesPerSec ?? null,
+            bandwidthBytesPerSec: r.bandwidthBytesPerSec ?? null,
+            predictedDowntimeMs: ms(r.predictedDowntimeNs),
+          };
+        },
+        decide: (limits) => session.decide(limits),
+        finish: (destination) => session.finish(destination),
+        commit: () => session.commit(),
+        abort: () => session.abort(),
+      };
     },
     async restore(image, server) {
       if (typeof m.restoreProcess !== 'function') throw new EngineUnavailableError(['restoreProcess']);

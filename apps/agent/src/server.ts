@@ -4,6 +4,7 @@ import { parseArgs } from 'node:util';
 import { buildAgentApp } from './app.js';
 import { loadAgentConfig } from './config.js';
 import { sweepLockTables } from './network.js';
+import { sweepThrottleCgroups } from './throttle.js';
 
 const { values } = parseArgs({ options: { config: { type: 'string' } } });
 try {
@@ -15,6 +16,8 @@ try {
     return [];
   });
   if (swept.length) app.log.warn(`removed lock tables left by a dead agent: ${swept.join(', ')}`);
+  // Empty throttle cgroups a dead agent left (one still holding a process is left to its owner).
+  await sweepThrottleCgroups().catch(() => {});
   const close = () => {
     void app.close().then(() => process.exit(0));
   };

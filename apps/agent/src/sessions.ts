@@ -3,8 +3,9 @@
  * process (destination), or a frozen original (source). In memory only: if the agent dies, the engine
  * keeps a frozen source frozen (DESIGN.md: never run twice) and the coordinator resolves the rest.
  */
-import type { AgentMigrationStatus, AgentRole, AgentSessionState } from '@tern/protocol';
-import type { PageServerHandle, SourceSessionHandle } from './engine.js';
+import type { AgentMigrationStatus, AgentRole, AgentSessionState, PrecopyStartRequest } from '@tern/protocol';
+import type { PageServerHandle, PrecopyHandle, SourceSessionHandle } from './engine.js';
+import { CpuThrottle } from './throttle.js';
 
 export class AgentSession {
   state: AgentSessionState;
@@ -14,6 +15,12 @@ export class AgentSession {
   updatedAt = this.createdAt;
   pageServer: PageServerHandle | null = null;
   source: SourceSessionHandle | null = null;
+  /** Source in pre-copy: the engine's tracking session until the switchover finishes it. */
+  precopy: PrecopyHandle | null = null;
+  precopyOptions: PrecopyStartRequest | null = null;
+  /** Auto-converge's CPU throttle of the source process, if pre-copy needed one. */
+  throttle: CpuThrottle | null = null;
+  private throttleUnavailable: string | null = null;
   /** The long call in progress (freeze+dump, or restore), so that abort can wait for it. */
   inFlight: Promise<unknown> | null = null;
   /** process.hrtime.bigint() at the freeze: the source's frozen time is measured from here. */
@@ -71,6 +78,9 @@ export class AgentSession {
       } else {
         // The address first: the original must be reachable the moment it runs again.
         await this.handoff?.giveBack();
+        await this.precopy?.abort();
+        this.precopy = null;
+        await this.releaseThrottle();
         await this.source?.abort();
       }
     })().catch((err: unknown) => {
@@ -78,6 +88,28 @@ export class AgentSession {
       throw err;
     });
     return this.undone;
+  }
+
+  /**
+   * One more auto-converge step for the source process; false when no step is left or throttling
+   * is impossible here (the reason is kept in `throttleUnavailable` and reported once).
+   */
+  async throttleStep(): Promise<boolean> {
+    if (this.throttleUnavailable !== null) return false;
+    this.throttle ??= await CpuThrottle.open(this.pid, this.id);
+    if (this.throttle.unavailable) {
+      this.throttleUnavailable = this.throttle.unavailable;
+      this.error = `auto-converge unavailable: ${this.throttle.unavailable}`;
+      return false;
+    }
+    const before = this.throttle.current()?.percentOff ?? 0;
+    const now = await this.throttle.step();
+    return now !== null && now.percentOff > before;
+  }
+
+  /** Gives the process its CPU back (idempotent). */
+  async releaseThrottle(): Promise<void> {
+    await this.throttle?.release();
   }
 
   status(): AgentMigrationStatus {

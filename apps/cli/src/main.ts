@@ -25,8 +25,14 @@ const HELP = `usage:
   migrate check --pid N [--json]      inventory of a process and whether Tern can move it
   migrate check --kernel [--json]     kernel mechanisms available on this machine
   migrate --from HOST --to HOST --pid N [--mode cold|precopy|postcopy|hybrid]
-          [--max-downtime MS] [--bandwidth MB/s] [--json]
-                                      migrate a process (this build: --mode cold only; the default)
+          [--max-downtime MS] [--bandwidth MB/s] [--max-rounds N] [--no-auto-converge] [--json]
+                                      migrate a process. cold (the default): frozen while all its
+                                      memory moves; precopy: memory sent in rounds while it runs,
+                                      then frozen for the last dirty pages (rounds stop when the
+                                      predicted downtime is under --max-downtime, the dirty set
+                                      stops shrinking, or after --max-rounds; a process dirtying
+                                      faster than the link is CPU-throttled unless
+                                      --no-auto-converge). postcopy/hybrid: not built yet
   migrate list [--limit N] [--json]   the latest migrations
   migrate status ID [--events] [--json]
   migrate abort ID [--json]           roll back before the commit point

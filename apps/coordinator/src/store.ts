@@ -29,6 +29,8 @@ CREATE TABLE IF NOT EXISTS migrations (
   mode            TEXT NOT NULL,
   max_downtime_ms INTEGER,
   bandwidth       REAL,
+  -- pre-copy options: {"maxRounds": n, "autoConverge": bool}
+  options         TEXT,
   state           TEXT NOT NULL,
   committed       INTEGER NOT NULL DEFAULT 0,
   abort_requested INTEGER NOT NULL DEFAULT 0,
@@ -67,6 +69,7 @@ interface MigrationRow {
   mode: string;
   max_downtime_ms: number | null;
   bandwidth: number | null;
+  options: string | null;
   state: string;
   committed: number;
   abort_requested: number;
@@ -103,6 +106,11 @@ export function emptyStats(): MigrationStats {
   return { downtimeMs: null, totalMs: null, bytes: 0, pages: { data: 0, zero: 0, dirty: 0, lazy: 0 }, rounds: 0, dirtyRateBytesPerSec: null, restoredPid: null };
 }
 
+function precopyOptions(text: string | null): { maxRounds: number | null; autoConverge: boolean } {
+  const o = text ? (JSON.parse(text) as { maxRounds?: number | null; autoConverge?: boolean }) : {};
+  return { maxRounds: o.maxRounds ?? null, autoConverge: o.autoConverge ?? true };
+}
+
 function fromRow(r: MigrationRow): MigrationRecord {
   return {
     id: r.id,
@@ -112,6 +120,7 @@ function fromRow(r: MigrationRow): MigrationRecord {
     mode: r.mode as MigrationMode,
     maxDowntimeMs: r.max_downtime_ms,
     bandwidth: r.bandwidth,
+    ...precopyOptions(r.options),
     state: r.state as MigrationState,
     committed: r.committed === 1,
     abortRequested: r.abort_requested === 1,
@@ -139,6 +148,9 @@ export class MigrationStore {
     this.db.pragma('synchronous = FULL');
     this.db.pragma('busy_timeout = 5000');
     this.db.exec(SCHEMA);
+    // A database made by an earlier version has no options column yet.
+    const columns = this.db.prepare(`SELECT name FROM pragma_table_info('migrations')`).all() as { name: string }[];
+    if (!columns.some((c) => c.name === 'options')) this.db.exec('ALTER TABLE migrations ADD COLUMN options TEXT');
   }
 
   close(): void {
@@ -146,18 +158,23 @@ export class MigrationStore {
   }
 
   insert(
-    rec: Omit<MigrationRecord, 'createdAt' | 'updatedAt' | 'finishedAt' | 'committed' | 'abortRequested' | 'failure' | 'stats' | 'state'>,
+    rec: Omit<MigrationRecord, 'createdAt' | 'updatedAt' | 'finishedAt' | 'committed' | 'abortRequested' | 'failure' | 'stats' | 'state' | 'maxRounds' | 'autoConverge'> &
+      Partial<Pick<MigrationRecord, 'maxRounds' | 'autoConverge'>>,
     owner: Owner,
   ): MigrationRecord {
     const now = new Date().toISOString();
     try {
       this.db
         .prepare(
-          `INSERT INTO migrations (id, source_host, dest_host, pid, mode, max_downtime_ms, bandwidth, state, stats, created_at, updated_at,
+          `INSERT INTO migrations (id, source_host, dest_host, pid, mode, max_downtime_ms, bandwidth, options, state, stats, created_at, updated_at,
                                    owner_pid, owner_start, owner_instance)
-           VALUES (?, ?, ?, ?, ?, ?, ?, 'checking', ?, ?, ?, ?, ?, ?)`,
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'checking', ?, ?, ?, ?, ?, ?)`,
         )
-        .run(rec.id, rec.from, rec.to, rec.pid, rec.mode, rec.maxDowntimeMs, rec.bandwidth, JSON.stringify(emptyStats()), now, now, owner.pid, owner.start, owner.instance);
+        .run(
+          rec.id, rec.from, rec.to, rec.pid, rec.mode, rec.maxDowntimeMs, rec.bandwidth,
+          JSON.stringify({ maxRounds: rec.maxRounds ?? null, autoConverge: rec.autoConverge ?? true }),
+          JSON.stringify(emptyStats()), now, now, owner.pid, owner.start, owner.instance,
+        );
     } catch (err) {
       if ((err as { code?: string }).code === 'SQLITE_CONSTRAINT_UNIQUE' && /source_host/.test((err as Error).message)) {
         throw new ActiveMigrationConflict(`pid ${rec.pid} on ${rec.from} is already being migrated`);

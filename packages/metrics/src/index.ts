@@ -183,6 +183,10 @@ export interface CoordinatorMetrics {
   migrationRounds: Histogram<'mode'>;
   /** Dirty rate measured in the last pre-copy round of the migration running now (0 when none). */
   dirtyRateBytesPerSecond: Gauge;
+  /** Downtime the switchover would cost after the last pre-copy round (0 when none runs). */
+  predictedDowntimeSeconds: Gauge;
+  /** Share of its CPU taken from the process by auto-converge in the migration running now (0..1). */
+  throttleRatio: Gauge;
   /** Post-copy fault latency as reported to the coordinator (the agents measure it per host too). */
   faultLatencySeconds: Histogram;
   migrationsInProgress: Gauge;
@@ -260,6 +264,16 @@ export function createCoordinatorMetrics(opts: { prefix?: string; defaultMetrics
     dirtyRateBytesPerSecond: new Gauge({
       name: `${prefix}dirty_rate_bytes_per_second`,
       help: 'Dirty rate measured in the last pre-copy round of the migration in progress',
+      registers,
+    }),
+    predictedDowntimeSeconds: new Gauge({
+      name: `${prefix}precopy_predicted_downtime_seconds`,
+      help: 'Downtime the switchover would cost after the last pre-copy round of the migration in progress',
+      registers,
+    }),
+    throttleRatio: new Gauge({
+      name: `${prefix}precopy_throttle_ratio`,
+      help: 'Share of its CPU taken from the process by auto-converge in the migration in progress (0..1)',
       registers,
     }),
     faultLatencySeconds: new Histogram({

@@ -8,7 +8,7 @@ import type { CheckReport, FreezeReport, Blocker } from './engine.js';
 export const MIGRATION_MODES = ['cold', 'precopy', 'postcopy', 'hybrid'] as const;
 export type MigrationMode = (typeof MIGRATION_MODES)[number];
 /** Modes this build can actually run; the others are refused with 400. */
-export const BUILT_MODES: readonly MigrationMode[] = ['cold'];
+export const BUILT_MODES: readonly MigrationMode[] = ['cold', 'precopy'];
 
 /** The coordinator's state machine. Terminal: done, aborted, failed. */
 export const MIGRATION_STATES = ['checking', 'precopy', 'switchover', 'restoring', 'postcopy', 'done', 'aborted', 'failed'] as const;
@@ -59,6 +59,10 @@ export interface MigrationRecord {
   maxDowntimeMs: number | null;
   /** MB/s (10^6 bytes per second) as given; null: unlimited. */
   bandwidth: number | null;
+  /** Pre-copy: most rounds (null: the default). */
+  maxRounds: number | null;
+  /** Pre-copy: throttle the process when it dirties faster than the link. */
+  autoConverge: boolean;
   state: MigrationState;
   /** The commit point has passed: the process lives on the destination from here on. */
   committed: boolean;
@@ -86,6 +90,12 @@ export interface MigrationEvent {
     bytes: number;
     dirtyRateBytesPerSec: number | null;
     etaSeconds: number | null;
+    /** Pre-copy: pages sent in this round. */
+    pages?: number;
+    /** Pre-copy: the downtime the switchover would cost now, in ms (dirty bytes ÷ bandwidth + fixed cost). */
+    predictedDowntimeMs?: number | null;
+    /** Pre-copy: CPU taken from the process by auto-converge, in percent (0: none). */
+    throttlePercent?: number;
   };
   /** On 'result': the final record. */
   record?: MigrationRecord;
@@ -142,6 +152,49 @@ export interface SourceResponse {
   addresses: string[];
 }
 
+/** POST /v1/migrations/:id/precopy (source): start dirty tracking; the process keeps running. */
+export interface PrecopyStartRequest {
+  pid: number;
+  destination: PageServerAddress;
+  bandwidthBytesPerSec?: number;
+  /** Stop the rounds once the predicted downtime is under this. */
+  maxDowntimeMs?: number;
+  maxRounds?: number;
+  /** Throttle the process's CPU (cgroup quota) when it dirties memory faster than it can be sent. */
+  autoConverge?: boolean;
+  /**
+   * What a switchover costs beyond sending the last dirty pages (freeze, image, restore, commit),
+   * as the coordinator measured it on earlier migrations; the engine's own estimate otherwise.
+   */
+  fixedCostMs?: number;
+  from?: string;
+  to?: string;
+}
+
+export type PrecopyVerdict = 'continue' | 'converged' | 'not-shrinking' | 'round-cap';
+
+/** One pre-copy round, as the source agent measured it. */
+export interface PrecopyRound {
+  /** 0 = the full first pass; then each round's dirty set. */
+  round: number;
+  pages: number;
+  bytes: number;
+  elapsedMs: number;
+  /** Time spent finding the dirty pages (PAGEMAP_SCAN or soft-dirty). */
+  scanMs: number;
+  dirtyRateBytesPerSec: number | null;
+  bandwidthBytesPerSec: number | null;
+  predictedDowntimeMs: number | null;
+}
+
+/** POST /v1/migrations/:id/precopy/round (source): one round while the process runs. */
+export interface PrecopyRoundResponse {
+  id: string;
+  round: PrecopyRound;
+  verdict: PrecopyVerdict;
+  throttlePercent: number;
+}
+
 /** POST /v1/migrations/:id/restore. */
 export interface RestoreRequest {
   image: string;
@@ -153,7 +206,7 @@ export interface RestoreRequest {
 
 export type AgentRole = 'source' | 'destination';
 export type AgentSessionState =
-  | 'prepared' | 'freezing' | 'dumping' | 'dumped' | 'restoring' | 'restored' | 'committed' | 'aborting' | 'aborted' | 'failed';
+  | 'prepared' | 'precopy' | 'freezing' | 'dumping' | 'dumped' | 'restoring' | 'restored' | 'committed' | 'aborting' | 'aborted' | 'failed';
 
 export interface AgentMigrationStatus {
   id: string;
@@ -263,6 +316,23 @@ export const restoreRequestSchema = {
   },
 } as const;
 
+export const precopyStartRequestSchema = {
+  type: 'object',
+  required: ['pid', 'destination'],
+  additionalProperties: false,
+  properties: {
+    pid: pidSchema,
+    destination: pageServerAddressSchema,
+    bandwidthBytesPerSec: { type: 'integer', minimum: 1 },
+    maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 3600000 },
+    maxRounds: { type: 'integer', minimum: 1, maximum: 1000 },
+    autoConverge: { type: 'boolean' },
+    fixedCostMs: { type: 'number', minimum: 0, maximum: 600000 },
+    from: hostNameSchema,
+    to: hostNameSchema,
+  },
+} as const;
+
 export const agentMigrationStatusSchema = {
   type: 'object',
   required: ['id', 'role', 'state', 'pid'],
@@ -288,6 +358,10 @@ export interface CreateMigrationRequest {
   maxDowntimeMs?: number;
   /** MB/s. */
   bandwidth?: number;
+  /** Pre-copy: most rounds before the switchover (default 30). */
+  maxRounds?: number;
+  /** Pre-copy: throttle the process's CPU if it dirties memory faster than it can be sent (default true). */
+  autoConverge?: boolean;
 }
 
 export const createMigrationRequestSchema = {
@@ -301,6 +375,8 @@ export const createMigrationRequestSchema = {
     mode: { type: 'string', enum: [...MIGRATION_MODES] },
     maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 3600000 },
     bandwidth: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
+    maxRounds: { type: 'integer', minimum: 1, maximum: 1000 },
+    autoConverge: { type: 'boolean' },
   },
 } as const;
 
@@ -350,6 +426,8 @@ export const migrationRecordSchema = {
     mode: { type: 'string', enum: [...MIGRATION_MODES] },
     maxDowntimeMs: { type: ['integer', 'null'] },
     bandwidth: { type: ['number', 'null'] },
+    maxRounds: { type: ['integer', 'null'] },
+    autoConverge: { type: 'boolean' },
     state: { type: 'string', enum: [...MIGRATION_STATES] },
     committed: { type: 'boolean' },
     abortRequested: { type: 'boolean' },

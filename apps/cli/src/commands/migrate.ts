@@ -66,6 +66,8 @@ export async function runMigrate(argv: string[]): Promise<number> {
     mode: { type: 'string' },
     'max-downtime': { type: 'string' },
     bandwidth: { type: 'string' },
+    'max-rounds': { type: 'string' },
+    'no-auto-converge': { type: 'boolean' },
   });
   if (!values.from || !values.to || values.pid === undefined) throw new CliError('migrate: --from HOST --to HOST --pid N are required (see migrate --help)', EXIT.badInput);
   if (!/^\d+$/.test(values.pid) || Number(values.pid) < 1) throw new CliError(`--pid ${values.pid} is not a process id`, EXIT.badInput);
@@ -73,6 +75,7 @@ export async function runMigrate(argv: string[]): Promise<number> {
   if (!MIGRATION_MODES.includes(mode)) throw new CliError(`--mode ${values.mode} is not one of ${MIGRATION_MODES.join(', ')}`, EXIT.badInput);
   const maxDowntimeMs = positiveNumber('max-downtime', values['max-downtime'], true);
   const bandwidth = positiveNumber('bandwidth', values.bandwidth, false);
+  const maxRounds = positiveNumber('max-rounds', values['max-rounds'], true);
 
   const control = await openControl(values);
   try {
@@ -84,6 +87,8 @@ export async function runMigrate(argv: string[]): Promise<number> {
         mode,
         ...(maxDowntimeMs !== undefined && { maxDowntimeMs }),
         ...(bandwidth !== undefined && { bandwidth }),
+        ...(maxRounds !== undefined && { maxRounds }),
+        ...(values['no-auto-converge'] && { autoConverge: false }),
       }),
     );
   } finally {
