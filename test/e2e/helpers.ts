@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Lab } from '@tern/lab';
+import type { MigrationEvent } from '@tern/protocol';
 
 export const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const cliMain = join(repoRoot, 'apps', 'cli', 'dist', 'main.js');
@@ -97,8 +98,8 @@ export function signalState(rootPid: number): Record<string, string> {
 }
 
 /** Redis helper: `redis-cli` against a server, run from the lab's client namespace. */
-export async function redisCli(lab: Lab, host: string, address: string, port: number, args: string[]): Promise<string> {
-  const r = await lab.run(host, ['redis-cli', '-h', address, '-p', String(port), ...args], { timeoutMs: 20_000 });
+export async function redisCli(lab: Lab, host: string, address: string, port: number, args: string[], timeoutMs = 20_000): Promise<string> {
+  const r = await lab.run(host, ['redis-cli', '-h', address, '-p', String(port), ...args], { timeoutMs });
   // redis-cli exits 0 on error replies: look at the reply itself.
   if (r.code !== 0 || /^(ERR|WRONGTYPE|NOPERM)/.test(r.stdout)) throw new Error(`redis-cli ${args.join(' ')} failed: ${r.stdout}${r.stderr}`);
   return r.stdout.trim();
@@ -113,17 +114,26 @@ export interface MigrateJson {
   [k: string]: unknown;
 }
 
-export async function migrate(lab: Lab, pid: number, from = 'hostA', to = 'hostB', extra: string[] = []): Promise<{ code: number | null; record: MigrateJson | null; out: string }> {
-  const r = await lab.run('client', [process.execPath, cliMain, '--lab', lab.name, '--from', from, '--to', to, '--pid', String(pid), '--json', ...extra], { timeoutMs: 180_000 });
+export async function migrate(
+  lab: Lab,
+  pid: number,
+  from = 'hostA',
+  to = 'hostB',
+  extra: string[] = [],
+): Promise<{ code: number | null; record: MigrateJson | null; events: MigrationEvent[]; out: string }> {
+  const r = await lab.run('client', [process.execPath, cliMain, '--lab', lab.name, '--from', from, '--to', to, '--pid', String(pid), '--json', ...extra], { timeoutMs: 300_000 });
   const out = r.stdout + r.stderr;
   let record: MigrateJson | null = null;
+  let events: MigrationEvent[] = [];
   try {
     // --json prints one document: { migration, events }.
-    record = (JSON.parse(r.stdout) as { migration: MigrateJson }).migration;
+    const doc = JSON.parse(r.stdout) as { migration: MigrateJson; events?: MigrationEvent[] };
+    record = doc.migration;
+    events = doc.events ?? [];
   } catch {
     record = null;
   }
-  return { code: r.code, record, out };
+  return { code: r.code, record, events, out };
 }
 
 /** True when `pid` runs in `host`'s pid namespace (as that host sees it). */

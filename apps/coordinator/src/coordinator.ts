@@ -361,7 +361,7 @@ export class Coordinator {
       // restoring: the destination rebuilds the process with the same pid and resumes it.
       rec = this.enter(id, 'restoring', `rebuilding pid ${rec.pid} on ${rec.to}`, phase);
       const restored = await this.step('restoring', () =>
-        dst.call<{ restore: { pid: number } }>(
+        dst.call<{ restore: { pid: number; timings?: { memoryNs?: number; totalNs?: number }; bytesWritten?: number } }>(
           'POST',
           `/v1/migrations/${id}/restore`,
           { image: dump.image, addresses: dump.addresses ?? [], from: rec.from, to: rec.to },
@@ -379,6 +379,10 @@ export class Coordinator {
         this.switchoverOverheadMs.set(key, prev === undefined ? overhead : (prev + overhead) / 2);
       }
       stats.restoredPid = restored.restore.pid;
+      const t = restored.restore.timings;
+      if (t?.totalNs !== undefined) {
+        this.emit(rec, 'log', `${rec.to} rebuilt pid ${restored.restore.pid} in ${(t.totalNs / 1e6).toFixed(1)} ms (writing ${restored.restore.bytesWritten ?? 0} bytes of memory: ${((t.memoryNs ?? 0) / 1e6).toFixed(1)} ms)`);
+      }
 
       // The commit point, atomic with the abort flag: from here on, only forward.
       if (!this.store.markCommitted(id, stats)) throw new MigrationFailed({ kind: 'aborted', message: 'aborted on request' });

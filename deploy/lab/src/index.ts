@@ -284,6 +284,10 @@ export class Lab {
           execP('nsenter', ['--target', String(h.initPid), '--pid', '--mount', '--', 'sh', '-c', `echo ${(i + 1) * PID_RANGE} > /proc/sys/kernel/ns_last_pid`]),
         ),
       );
+      // `ip netns exec` gave each host a fresh /sys without the cgroup mounts a real host has;
+      // the agents need them (auto-converge throttles through the cpu controller).
+      const cgroups = cgroupMountScript();
+      if (cgroups) await Promise.all(st.hosts.map((h) => execP('nsenter', ['--target', String(h.initPid), '--mount', '--', 'sh', '-c', cgroups])));
       step();
 
       st.status = 'ready';
@@ -528,3 +532,32 @@ export async function reapStale(): Promise<string[]> {
 
 /** For tools: is `pid` (root ns) alive with the given starttime. */
 export { pidAlive };
+
+/**
+ * Shell commands that mount, in a lab host's mount namespace, the cgroup hierarchies this machine
+ * has under /sys/fs/cgroup (the same hierarchies: mounting a v1 controller again attaches to its
+ * existing hierarchy). Empty when there are none.
+ */
+function cgroupMountScript(): string {
+  let info = '';
+  try {
+    info = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+  } catch {
+    return '';
+  }
+  const cmds: string[] = [];
+  for (const line of info.split('\n')) {
+    const [pre, post] = line.split(' - ');
+    if (!pre || !post) continue;
+    const mountPoint = pre.split(' ')[4];
+    const [fstype, , superOpts] = post.split(' ');
+    if (!mountPoint || !mountPoint.startsWith('/sys/fs/cgroup')) continue;
+    if (fstype === 'tmpfs' && mountPoint === '/sys/fs/cgroup') cmds.push('mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup');
+    else if (fstype === 'cgroup' || fstype === 'cgroup2') {
+      const opts = (superOpts ?? '').split(',').filter((o) => o !== 'rw' && o !== 'ro').join(',');
+      cmds.push(`mkdir -p ${mountPoint} && mount -t ${fstype}${opts ? ` -o ${opts}` : ''} ${fstype} ${mountPoint}`);
+    }
+  }
+  // Best effort: a lab without them still works, only auto-converge reports itself unavailable.
+  return cmds.length ? `${cmds.join('; ')}; true` : '';
+}
