@@ -459,12 +459,14 @@ impl Driver<'_> {
             self.sys(leader, "close(map fd)", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
 
-        // 5. Pages.
+        // 5. Pages: gathered into batches, then written by parallel writers (write_parallel).
+        let mut batches = Vec::new();
         for (v, fill, _) in &written {
             if *fill {
-                self.fill(v, pages)?;
+                self.collect_pages(v, pages, &mut batches);
             }
         }
+        self.bytes_written += write_parallel(self.pid, &batches)?;
 
         // 6. Final protections.
         for (v, _, prot) in &written {
@@ -532,8 +534,10 @@ impl Driver<'_> {
         Ok(fd)
     }
 
-    /// Writes the VMA's pages from the store: vectored process_vm_writev, /proc/PID/mem after.
-    fn fill(&mut self, v: &VmaImage, pages: &PageStore) -> Result<(), RestoreError> {
+    /// Gathers the VMA's pages from the store into write batches (at most 512 runs or 16 MiB
+    /// each): data runs as they are, zero runs only for file mappings (fresh anonymous memory is
+    /// zero already).
+    fn collect_pages<'p>(&mut self, v: &VmaImage, pages: &'p PageStore, batches: &mut Vec<Vec<(u64, &'p [u8])>>) {
         static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
         let zeros_matter = matches!(v.kind, VmaKind::File);
         let mut batch: Vec<(u64, &[u8])> = Vec::new();
@@ -556,64 +560,16 @@ impl Driver<'_> {
                         a += n;
                     }
                 }
-                PageRun::Zero { .. } => {} // fresh anonymous memory is zero already
+                PageRun::Zero { .. } => {}
             }
-            if batch.len() >= 512 || batch_bytes >= 64 << 20 {
-                self.write_batch(&batch)?;
-                batch.clear();
+            if batch.len() >= 512 || batch_bytes >= 16 << 20 {
+                batches.push(std::mem::take(&mut batch));
                 batch_bytes = 0;
             }
         }
-        self.write_batch(&batch)
-    }
-
-    fn write_batch(&mut self, batch: &[(u64, &[u8])]) -> Result<(), RestoreError> {
-        if batch.is_empty() {
-            return Ok(());
+        if !batch.is_empty() {
+            batches.push(batch);
         }
-        let local: Vec<libc::iovec> = batch
-            .iter()
-            .map(|(_, d)| libc::iovec {
-                iov_base: d.as_ptr().cast_mut().cast(),
-                iov_len: d.len(),
-            })
-            .collect();
-        let remote_iov: Vec<libc::iovec> = batch
-            .iter()
-            .map(|(a, d)| libc::iovec {
-                iov_base: *a as *mut libc::c_void,
-                iov_len: d.len(),
-            })
-            .collect();
-        let total: usize = batch.iter().map(|(_, d)| d.len()).sum();
-        // SAFETY: the local iovecs describe borrowed slices alive for the call; the kernel only
-        // reads them. Remote addresses are interpreted in the target.
-        let n = unsafe {
-            libc::process_vm_writev(
-                self.pid.as_raw(),
-                local.as_ptr(),
-                local.len() as libc::c_ulong,
-                remote_iov.as_ptr(),
-                remote_iov.len() as libc::c_ulong,
-                0,
-            )
-        };
-        let done = Errno::result(n).map(|n| n as usize).unwrap_or(0);
-        self.bytes_written += total as u64;
-        if done == total {
-            return Ok(());
-        }
-        let mut off = 0usize;
-        for (addr, data) in batch {
-            let len = data.len();
-            if off + len > done {
-                let skip = done.saturating_sub(off);
-                remote::write_memory(self.pid, addr + skip as u64, &data[skip..])
-                    .map_err(|e| RestoreError::at("writing pages", e))?;
-            }
-            off += len;
-        }
-        Ok(())
     }
 
     fn set_mm(&mut self) -> Result<(), RestoreError> {
@@ -871,4 +827,89 @@ mod tests {
         );
         assert_eq!(free_gap(&[(0x10_4000, 0x20_0000)], 0x4000), Some(0x10_0000));
     }
+}
+
+/// Writes the batches into `pid` with one writer per CPU (at most 4). Most of a restore's time
+/// is the target's page faults on first touch (allocation, zeroing) and the copy; writers on
+/// disjoint ranges fault in parallel under the target's mmap read lock. Returns the bytes written.
+fn write_parallel(pid: Pid, batches: &[Vec<(u64, &[u8])>]) -> Result<u64, RestoreError> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(batches.len());
+    if workers <= 1 {
+        return batches.iter().try_fold(0u64, |sum, b| Ok(sum + write_pages(pid, b)?));
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<u64, RestoreError> {
+                    let mut sum = 0u64;
+                    while let Some(batch) = batches.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                        sum += write_pages(pid, batch)?;
+                    }
+                    Ok(sum)
+                })
+            })
+            .collect();
+        let mut total = 0u64;
+        let mut first_error = None;
+        for w in writers {
+            match w.join() {
+                Ok(Ok(n)) => total += n,
+                Ok(Err(e)) => first_error = first_error.or(Some(e)),
+                Err(_) => first_error = first_error.or(Some(RestoreError::at("writing pages", "a writer thread panicked"))),
+            }
+        }
+        first_error.map_or(Ok(total), Err)
+    })
+}
+
+/// One batch: vectored process_vm_writev, then /proc/PID/mem for whatever it could not write
+/// (read-only private mappings, where process_vm_writev stops with EFAULT).
+fn write_pages(pid: Pid, batch: &[(u64, &[u8])]) -> Result<u64, RestoreError> {
+    if batch.is_empty() {
+        return Ok(0);
+    }
+    let local: Vec<libc::iovec> = batch
+        .iter()
+        .map(|(_, d)| libc::iovec {
+            iov_base: d.as_ptr().cast_mut().cast(),
+            iov_len: d.len(),
+        })
+        .collect();
+    let remote_iov: Vec<libc::iovec> = batch
+        .iter()
+        .map(|(a, d)| libc::iovec {
+            iov_base: *a as *mut libc::c_void,
+            iov_len: d.len(),
+        })
+        .collect();
+    let total: usize = batch.iter().map(|(_, d)| d.len()).sum();
+    // SAFETY: the local iovecs describe borrowed slices alive for the call; the kernel only
+    // reads them. Remote addresses are interpreted in the target.
+    let n = unsafe {
+        libc::process_vm_writev(
+            pid.as_raw(),
+            local.as_ptr(),
+            local.len() as libc::c_ulong,
+            remote_iov.as_ptr(),
+            remote_iov.len() as libc::c_ulong,
+            0,
+        )
+    };
+    let done = Errno::result(n).map(|n| n as usize).unwrap_or(0);
+    if done < total {
+        let mut off = 0usize;
+        for (addr, data) in batch {
+            let len = data.len();
+            if off + len > done {
+                let skip = done.saturating_sub(off);
+                remote::write_memory(pid, addr + skip as u64, &data[skip..]).map_err(|e| RestoreError::at("writing pages", e))?;
+            }
+            off += len;
+        }
+    }
+    Ok(total as u64)
 }
