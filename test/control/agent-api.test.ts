@@ -2,7 +2,10 @@
 // unknown ids, the destination's readiness against a real process, the honest 501 while the engine's
 // migration glue is missing, and the roles' sequence with an engine double passed in by the test.
 import t from 'tap';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { buildAgentApp, missingNativeFunctions, type MigrationEngine } from '@tern/agent';
 import { auth, token } from './helpers.js';
 
@@ -243,4 +246,49 @@ t.test('pre-copy roles (engine double): start, rounds with verdicts, switchover 
   const aborted = await post('/v1/migrations/mpre2/abort');
   t.equal(aborted.json().state, 'aborted');
   t.same(calls, ['PrecopySession.open 79', 'round 0 127.0.0.1:9', 'decide', 'precopy.abort'], 'abort stops tracking; nothing was frozen');
+});
+
+t.test('address handoff through a hook script: claim before the restore, release on rollback; a failing hook fails the restore', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'tern-hook-'));
+  const log = join(dir, 'calls.log');
+  const hook = join(dir, 'hook.sh');
+  writeFileSync(hook, `#!/bin/sh\necho "$1 $TERN_PHASE $TERN_ROLE $TERN_MIGRATION_ID $TERN_PID $TERN_FROM $TERN_TO $TERN_ADDRESSES" >> ${log}\n[ -e ${dir}/fail ] && { echo "cloud API said no" >&2; exit 3; }\nexit 0\n`, { mode: 0o755 });
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const { engine, calls } = engineDouble();
+  const { app } = buildAgentApp({ ...config, addressHook: hook }, { engine });
+  t.teardown(() => app.close());
+  const post = (url: string, payload?: object) => app.inject({ method: 'POST', url, headers: auth, ...(payload && { payload }) });
+  const lines = () => (existsSync(log) ? readFileSync(log, 'utf8').trim().split('\n') : []);
+
+  t.equal((await post('/v1/migrations/mhook1/prepare', { pid: 2147483001 })).statusCode, 200);
+  const image = Buffer.from('img').toString('base64');
+  const restored = await post('/v1/migrations/mhook1/restore', { image, addresses: ['192.0.2.10/32'], from: 'hostA', to: 'hostT' });
+  t.equal(restored.statusCode, 200);
+  t.same(lines(), ['claim claim destination mhook1 2147483001 hostA hostT 192.0.2.10/32'], 'the hook claimed the address before the restore');
+  t.ok(calls.indexOf('restore img') > 0);
+  t.equal((await post('/v1/migrations/mhook1/abort')).json().state, 'aborted');
+  t.same(lines().slice(1), ['release release destination mhook1 2147483001 hostA hostT 192.0.2.10/32'], 'and released it on rollback');
+
+  writeFileSync(join(dir, 'fail'), '');
+  t.equal((await post('/v1/migrations/mhook2/prepare', { pid: 2147483002 })).statusCode, 200);
+  const failed = await post('/v1/migrations/mhook2/restore', { image, addresses: ['192.0.2.10/32'] });
+  t.equal(failed.statusCode, 422);
+  t.match(failed.json(), { error: 'address-handoff', message: /hook .* claim failed \(3\): cloud API said no/ });
+  t.equal(calls.filter((c) => c === 'restore img').length, 1, 'nothing was restored after the failed claim');
+  t.notMatch(execFileSync('nft', ['list', 'tables']).toString(), /tern-mhook/, 'and the restore guard table is gone');
+
+  const bad = await post('/v1/migrations/mhook3/restore', { image, addresses: ['not an address'] });
+  t.equal(bad.statusCode, 400, 'addresses are validated');
+});
+
+t.test('a destination takes only its own service addresses', async (t) => {
+  const { engine } = engineDouble();
+  const { app } = buildAgentApp({ ...config, serviceAddresses: ['192.0.2.20/32'] }, { engine });
+  t.teardown(() => app.close());
+  const post = (url: string, payload?: object) => app.inject({ method: 'POST', url, headers: auth, ...(payload && { payload }) });
+  t.equal((await post('/v1/migrations/mown/prepare', { pid: 2147483003 })).statusCode, 200);
+  const r = await post('/v1/migrations/mown/restore', { image: Buffer.from('img').toString('base64'), addresses: ['192.0.2.99/32'] });
+  t.equal(r.statusCode, 422);
+  t.match(r.json().message, /192\.0\.2\.99\/32 is not among this host's service addresses \(192\.0\.2\.20\/32\)/);
+  t.equal((await post('/v1/migrations/mown/abort')).json().state, 'aborted');
 });

@@ -231,20 +231,20 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       const image = Buffer.from(request.body.image, 'base64');
       const details: HandoffDetails = { migrationId: id, pid: session.pid, from: request.body.from ?? '', to: request.body.to ?? config.name };
       const call = countOp('restore', async () => {
-        if (addresses.length || config.addressHook) {
-          // No RST for a peer whose segment arrives before its socket is rebuilt (network.ts);
-          // this host's own service addresses are guarded from prepare on, out of the downtime.
-          const unguarded = addresses.filter((a) => !ownServiceAddresses.has(a));
-          if (unguarded.length) await guardRestore(id, unguarded);
-          // Recorded before the claim: a claim that fails half-way is still given back by undo().
-          session.handoff = { addresses, giveBack: () => handoff.release(addresses, 'destination', details) };
-          try {
-            await handoff.claim(addresses, 'destination', details);
-          } catch (err) {
-            throw new HttpError(422, 'address-handoff', (err as Error).message);
-          }
-        }
         try {
+          if (addresses.length || config.addressHook) {
+            // No RST for a peer whose segment arrives before its socket is rebuilt (network.ts);
+            // this host's own service addresses are guarded from prepare on, out of the downtime.
+            const unguarded = addresses.filter((a) => !ownServiceAddresses.has(a));
+            if (unguarded.length) await guardRestore(id, unguarded);
+            // Recorded before the claim: a claim that fails half-way is still given back by undo().
+            session.handoff = { addresses, giveBack: () => handoff.release(addresses, 'destination', details) };
+            try {
+              await handoff.claim(addresses, 'destination', details);
+            } catch (err) {
+              throw new HttpError(422, 'address-handoff', (err as Error).message);
+            }
+          }
           const report = await engine.restore(image, server);
           // The sockets exist: the guard goes, but not inside the downtime.
           void unguardRestore(id).catch(() => {});
