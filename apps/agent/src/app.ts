@@ -9,8 +9,11 @@
  *   GET  /v1/kernel                        what this kernel offers
  *   POST /v1/check                         inventory + movability verdict of a pid
  *   POST /v1/migrations/:id/prepare        destination: readiness, then a page server
- *   POST /v1/migrations/:id/source         source: open, freeze, dump to the destination's page server
- *   POST /v1/migrations/:id/restore        destination: rebuild the process from the image
+ *   POST /v1/migrations/:id/precopy        source: start dirty tracking (pre-copy); the process runs
+ *   POST /v1/migrations/:id/precopy/round  source: one round to the page server, the verdict, auto-converge
+ *   POST /v1/migrations/:id/source         source: lock, freeze, dump (or finish the pre-copy) to the
+ *                                          destination's page server, release the service addresses
+ *   POST /v1/migrations/:id/restore        destination: claim the service addresses, rebuild the process
  *   POST /v1/migrations/:id/commit         source: kill the original; destination: close the page server
  *   POST /v1/migrations/:id/abort          before commit: put everything back
  *   GET  /v1/migrations/:id                this agent's side of a migration
