@@ -8,13 +8,21 @@ t.test('agent config', async (t) => {
     'bad.json': '{ not json',
     'short.json': JSON.stringify({ clusterToken: 'short' }),
     'port.json': JSON.stringify({ clusterToken: 'a-cluster-token-of-length', port: 70000 }),
+    'net.json': JSON.stringify({ clusterToken: 'a-cluster-token-of-length', serviceAddresses: ['10.77.0.200/32', 'fd00::200'], addressDev: 'eth0', addressHook: '/usr/local/bin/move-vip' }),
+    'badaddr.json': JSON.stringify({ clusterToken: 'a-cluster-token-of-length', serviceAddresses: ['10.77.0.300/32'] }),
+    'badhook.json': JSON.stringify({ clusterToken: 'a-cluster-token-of-length', addressHook: 'relative/script' }),
   });
-  t.same(loadAgentConfig(`${dir}/ok.json`, {}), { name: 'hostA', listen: '127.0.0.1', port: 7071, clusterToken: 'a-cluster-token-of-length' });
+  t.same(loadAgentConfig(`${dir}/ok.json`, {}), { name: 'hostA', listen: '127.0.0.1', port: 7071, clusterToken: 'a-cluster-token-of-length', serviceAddresses: [] });
   t.same(
     loadAgentConfig(`${dir}/ok.json`, { TERN_AGENT_PORT: '9000', TERN_AGENT_LISTEN: '0.0.0.0', TERN_AGENT_NAME: 'hostB' }),
-    { name: 'hostB', listen: '0.0.0.0', port: 9000, clusterToken: 'a-cluster-token-of-length' },
+    { name: 'hostB', listen: '0.0.0.0', port: 9000, clusterToken: 'a-cluster-token-of-length', serviceAddresses: [] },
     'environment overrides the file',
   );
+  t.match(loadAgentConfig(`${dir}/net.json`, {}), { serviceAddresses: ['10.77.0.200/32', 'fd00::200'], addressDev: 'eth0', addressHook: '/usr/local/bin/move-vip' }, 'address handoff settings');
+  t.same(loadAgentConfig(`${dir}/net.json`, { TERN_SERVICE_ADDRESSES: '192.0.2.1/32, 192.0.2.2' }).serviceAddresses, ['192.0.2.1/32', '192.0.2.2'], 'TERN_SERVICE_ADDRESSES overrides');
+  t.throws(() => loadAgentConfig(`${dir}/badaddr.json`, {}), /serviceAddresses: "10\.77\.0\.300\/32" is not an address/);
+  t.throws(() => loadAgentConfig(`${dir}/badhook.json`, {}), /addressHook must be an absolute path/);
+  t.throws(() => loadAgentConfig(`${dir}/ok.json`, { TERN_ADDRESS_DEV: 'not a device!' }), /addressDev must be a network device name/);
   t.throws(() => loadAgentConfig(`${dir}/bad.json`, {}), /cannot read agent config/);
   t.throws(() => loadAgentConfig(`${dir}/missing.json`, {}), /cannot read agent config/);
   t.throws(() => loadAgentConfig(`${dir}/short.json`, {}), /at least 16 characters/);

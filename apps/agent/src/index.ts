@@ -11,3 +11,14 @@ export {
   type SourceSessionHandle,
 } from './engine.js';
 export { destinationBlockers } from './readiness.js';
+export {
+  canonicalAddress,
+  lockScript,
+  parseServiceAddress,
+  restoreGuardScript,
+  sweepLockTables,
+  ternTables,
+  type TcpTuple,
+} from './network.js';
+export { parseSsQuiet, watchTcpResume } from './tcp-resume.js';
+export { CpuThrottle, sweepThrottleCgroups } from './throttle.js';

@@ -17,6 +17,7 @@
  */
 import { execFile, spawn } from 'node:child_process';
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { promisify } from 'node:util';
 
 const execFileP = promisify(execFile);
@@ -301,13 +302,26 @@ export interface ServiceAddress {
 }
 
 export function parseServiceAddress(text: string): ServiceAddress {
-  const m = /^([0-9a-fA-F.:]+)(?:\/(\d{1,3}))?$/.exec(text.trim());
-  const v6 = text.includes(':');
-  const prefix = m?.[2] !== undefined ? Number(m[2]) : v6 ? 128 : 32;
-  if (!m || prefix > (v6 ? 128 : 32) || (!v6 && !/^\d{1,3}(\.\d{1,3}){3}$/.test(m[1]!))) {
+  const m = /^([^/\s]+)(?:\/(\d{1,3}))?$/.exec(text.trim());
+  const family = m ? isIP(m[1]!) : 0;
+  const prefix = m?.[2] !== undefined ? Number(m[2]) : family === 6 ? 128 : 32;
+  if (!m || family === 0 || prefix > (family === 6 ? 128 : 32)) {
     throw new Error(`${JSON.stringify(text)} is not an address or address/prefix`);
   }
   return { address: m[1]!.toLowerCase(), prefix };
+}
+
+/**
+ * One spelling per address, to compare what /proc, ip(8) and a config file say: IPv6 fully
+ * expanded, groups without leading zeros, lowercase (/proc/net/tcp6 is turned into that form).
+ */
+export function canonicalAddress(address: string): string {
+  if (!address.includes(':')) return address;
+  const [head, tail] = address.toLowerCase().split('::') as [string, string | undefined];
+  const left = head ? head.split(':') : [];
+  const right = tail ? tail.split(':') : [];
+  const groups = tail === undefined ? left : [...left, ...Array(8 - left.length - right.length).fill('0'), ...right];
+  return groups.map((g: string) => (parseInt(g, 16) || 0).toString(16)).join(':');
 }
 
 export const formatServiceAddress = (a: ServiceAddress): string => `${a.address}/${a.prefix}`;
@@ -361,8 +375,8 @@ export class AddressHandoff {
     const here = await hostAddresses();
     const wildcard = sockets.some((s) => s.state === TCP_LISTEN && (s.localAddress === '0.0.0.0' || s.localAddress === '0:0:0:0:0:0:0:0'));
     return this.addresses
-      .filter((a) => here.has(a.address))
-      .filter((a) => wildcard || sockets.some((s) => s.localAddress === a.address))
+      .filter((a) => here.has(canonicalAddress(a.address)))
+      .filter((a) => wildcard || sockets.some((s) => s.localAddress === canonicalAddress(a.address)))
       .map(formatServiceAddress);
   }
 
@@ -421,7 +435,7 @@ async function hostAddresses(): Promise<Set<string>> {
   const { stdout } = await execFileP('ip', ['-j', 'addr', 'show']);
   const out = new Set<string>();
   for (const link of JSON.parse(stdout) as { addr_info?: { local?: string }[] }[]) {
-    for (const a of link.addr_info ?? []) if (a.local) out.add(a.local.toLowerCase());
+    for (const a of link.addr_info ?? []) if (a.local) out.add(canonicalAddress(a.local.toLowerCase()));
   }
   return out;
 }
@@ -430,7 +444,7 @@ async function hostAddresses(): Promise<Set<string>> {
 async function addressDevice(address: string): Promise<string | null> {
   const { stdout } = await execFileP('ip', ['-j', 'addr', 'show']);
   for (const link of JSON.parse(stdout) as { ifname: string; addr_info?: { local?: string }[] }[]) {
-    if ((link.addr_info ?? []).some((a) => a.local?.toLowerCase() === address)) return link.ifname;
+    if ((link.addr_info ?? []).some((a) => a.local !== undefined && canonicalAddress(a.local) === canonicalAddress(address))) return link.ifname;
   }
   return null;
 }
