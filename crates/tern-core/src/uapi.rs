@@ -76,6 +76,60 @@ pub struct PmScanArg {
     pub return_mask: u64,
 }
 
+
+// --- userfaultfd, MISSING mode (lazy restore / post-copy) -------------------------------------
+
+/// `_IOR(0xAA, 0x02, struct uffdio_range)`.
+pub const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+/// `_IOWR(0xAA, 0x03, struct uffdio_copy)`.
+pub const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+/// `_IOWR(0xAA, 0x04, struct uffdio_zeropage)`.
+pub const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+pub const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+pub const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+pub const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+pub const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
+pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+
+/// `struct uffdio_copy`: `copy` is bytes copied, or a negative errno.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioCopy {
+    pub dst: u64,
+    pub src: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub copy: i64,
+}
+
+/// `struct uffdio_zeropage`: `zeropage` is bytes mapped, or a negative errno.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdioZeropage {
+    pub start: u64,
+    pub len: u64,
+    pub mode: u64,
+    pub zeropage: i64,
+}
+
+/// `struct uffd_msg` (32 bytes): the event byte, padding, then the 24-byte union as three words.
+/// pagefault: [flags, address, ptid]; fork: [ufd (low 32 bits), _, _]; remap: [from, to, len];
+/// remove / unmap: [start, end, _].
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct UffdMsg {
+    pub event: u8,
+    pub reserved1: u8,
+    pub reserved2: u16,
+    pub reserved3: u32,
+    pub arg: [u64; 3],
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +143,9 @@ mod tests {
         assert_eq!(size(UFFDIO_REGISTER), std::mem::size_of::<UffdioRegister>());
         assert_eq!(size(UFFDIO_UNREGISTER), std::mem::size_of::<UffdioRange>());
         assert_eq!(std::mem::size_of::<PageRegion>(), 24);
+        assert_eq!(size(UFFDIO_WAKE), std::mem::size_of::<UffdioRange>());
+        assert_eq!(size(UFFDIO_COPY), std::mem::size_of::<UffdioCopy>());
+        assert_eq!(size(UFFDIO_ZEROPAGE), std::mem::size_of::<UffdioZeropage>());
+        assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
     }
 }

@@ -23,20 +23,7 @@ fn fixture_bin() -> &'static Path {
     BIN.get_or_init(|| support::build_fixture("cold/fixture.c", "cold-fixture"))
 }
 
-/// A process of ours, killed and reaped by pid on drop (the original, then the restored copy).
-struct Proc {
-    pid: i32,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill/waitpid by the pid of a process this test started (or restored).
-        unsafe {
-            libc::kill(self.pid, libc::SIGKILL);
-            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
-        }
-    }
-}
+use support::OwnedProc as Proc;
 
 struct Fixture {
     proc: Proc,

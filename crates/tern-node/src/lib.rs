@@ -175,6 +175,8 @@ use tern_core::pages::{Expected, MigrationId, PageSender, PageServer, PageStore,
 struct PageServerState {
     server: PageServer,
     store: Mutex<Option<PageStore>>,
+    /// The lazy fill of the process restored from this server's pages (restore with lazy).
+    lazy: Mutex<Option<Arc<tern_core::restore::LazyHandle>>>,
 }
 
 #[derive(Clone)]
@@ -215,7 +217,7 @@ fn page_server_start(address: String, port: f64, migration_id: String, token: St
         token: Token::from_hex(&token).map_err(engine_err)?,
     };
     let server = PageServer::bind(socket_addr(&address, port)?, expected).map_err(engine_err)?;
-    Ok(Boxed(PageServerHandle(Arc::new(PageServerState { server, store: Mutex::new(None) }))))
+    Ok(Boxed(PageServerHandle(Arc::new(PageServerState { server, store: Mutex::new(None), lazy: Mutex::new(None) }))))
 }
 
 #[neon::export]
@@ -342,23 +344,64 @@ fn source_abort(Boxed(handle): Boxed<SourceHandle>) -> Result<(), Error> {
 }
 
 /// Rebuilds the process described by `image` from the pages the server received, with the same
-/// pid in this process's pid namespace, and lets it run.
+/// pid in this process's pid namespace, and lets it run. With `lazy` the store moves into the
+/// lazy thread (private anonymous memory is filled after the process runs; see
+/// [`page_server_lazy_wait`]); the server holds no pages afterwards.
 #[neon::export(task)]
 fn restore_process(
     Buffer(image): Buffer<Vec<u8>>,
     Boxed(server): Boxed<PageServerHandle>,
     check_inode: bool,
+    lazy: Option<bool>,
 ) -> Result<Json<tern_core::restore::RestoredProcess>, Error> {
     let image = tern_core::image::ProcessImage::from_msgpack(&image).map_err(engine_err)?;
     let mut slot = server.0.store.lock().map_err(|_| Error::from("page store lock poisoned"))?;
     // Streams committed since the last wait (pre-copy: later rounds and the final stream, which
     // nobody has to wait for one by one) are newer than what the slot holds: merge them on top.
     merge_newer(&mut slot, server.0.server.take_store());
-    let store = slot.as_ref().ok_or_else(|| Error::from("no complete page stream has arrived for this migration"))?;
     let options = tern_core::files::RecreateOptions { check_inode };
-    let restored = tern_core::restore::restore_with_files(&image, store, &options).map_err(engine_err)?;
-    tern_core::restore::reap_when_exited(restored.pid);
-    Ok(Json(restored))
+    if !lazy.unwrap_or(false) {
+        let store = slot.as_ref().ok_or_else(|| Error::from("no complete page stream has arrived for this migration"))?;
+        let restored = tern_core::restore::restore_with_files(&image, store, &options).map_err(engine_err)?;
+        tern_core::restore::reap_when_exited(restored.pid);
+        return Ok(Json(restored));
+    }
+    let store = Arc::new(slot.take().ok_or_else(|| Error::from("no complete page stream has arrived for this migration"))?);
+    match tern_core::restore::restore_with_files_lazy(&image, store.clone(), &options, true) {
+        Ok((restored, handle)) => {
+            drop(store); // the lazy thread holds the only reference now
+            tern_core::restore::reap_when_exited(restored.pid);
+            *server.0.lazy.lock().map_err(|_| Error::from("lazy handle lock poisoned"))? = handle.map(Arc::new);
+            Ok(Json(restored))
+        }
+        Err(e) => {
+            // Nothing kept a reference: the pages go back to the slot for another attempt.
+            *slot = Arc::try_unwrap(store).ok();
+            Err(engine_err(e))
+        }
+    }
+}
+
+fn lazy_of(server: &PageServerHandle) -> Option<Arc<tern_core::restore::LazyHandle>> {
+    server.0.lazy.lock().ok().and_then(|l| l.clone())
+}
+
+/// Progress of the lazy fill (null: no lazy restore from this server).
+#[neon::export]
+fn page_server_lazy_stats(Boxed(server): Boxed<PageServerHandle>) -> Json<Option<tern_core::restore::LazyStats>> {
+    Json(lazy_of(&server).map(|h| h.stats()))
+}
+
+/// Waits until every page is home (or the process exited), at most `timeout_ms`.
+#[neon::export(task)]
+fn page_server_lazy_wait(
+    Boxed(server): Boxed<PageServerHandle>,
+    timeout_ms: f64,
+) -> Result<Json<Option<tern_core::restore::LazyStats>>, Error> {
+    match lazy_of(&server) {
+        None => Ok(Json(None)),
+        Some(h) => h.wait(Duration::from_millis(timeout_ms.max(0.0) as u64)).map(|s| Json(Some(s))).map_err(engine_err),
+    }
 }
 
 #[cfg(test)]

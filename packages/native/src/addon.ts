@@ -22,6 +22,7 @@ import type {
   PrecopyLimits,
   PrecopySetup,
   RestoreReport,
+  LazyStats,
   RoundStats,
   ServerProgress,
   TransferStats,
@@ -57,7 +58,9 @@ export interface Addon {
   sourceDumpStats(s: OpaqueBox<'source'>): { dump: DumpStats; transfer: TransferStats } | null;
   sourceCommit(s: OpaqueBox<'source'>): Promise<void>;
   sourceAbort(s: OpaqueBox<'source'>): Promise<void>;
-  restoreProcess(image: Buffer, server: OpaqueBox<'page-server'>, checkInode: boolean): Promise<RestoreReport>;
+  restoreProcess(image: Buffer, server: OpaqueBox<'page-server'>, checkInode: boolean, lazy: boolean): Promise<RestoreReport>;
+  pageServerLazyStats(s: OpaqueBox<'page-server'>): LazyStats | null;
+  pageServerLazyWait(s: OpaqueBox<'page-server'>, timeoutMs: number): Promise<LazyStats | null>;
   pageServerProgress(s: OpaqueBox<'page-server'>): ServerProgress;
   precopyStart(pid: number, options: { fixedCostNs?: number } | null): Promise<OpaqueBox<'precopy'>>;
   precopySetup(p: OpaqueBox<'precopy'>): PrecopySetup;

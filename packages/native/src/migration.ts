@@ -62,6 +62,46 @@ export interface RestoreReport {
   warnings: string[];
   /** Connected TCP sockets whose peers were prompted (ICMP, RFC 6069) to retransmit at once after the resume. */
   nudgedConnections: number;
+  /** What was left to the lazy fill (restoreProcess with `lazy`), null when every page was written. */
+  lazy: LazySummary | null;
+}
+
+/** What a lazy restore registered with its userfaultfd instead of writing. */
+export interface LazySummary {
+  /** VMAs registered (private anonymous memory with data). */
+  ranges: number;
+  registeredPages: number;
+  /** Data pages filled after the process runs (faults + background). */
+  lazyPages: number;
+  /** UFFD_FEATURE_* bits the kernel granted. */
+  features: number;
+}
+
+/** Progress of a lazy fill (PageServer.lazyStats / lazyWait). */
+export interface LazyStats {
+  pid: number;
+  /** running → homed (every page home, userfaultfd gone, pages dropped) | exited | failed (the process was killed). */
+  state: { state: 'running' | 'homed' | 'exited' } | { state: 'failed'; detail: string };
+  summary: LazySummary;
+  faults: number;
+  faultPages: number;
+  zeroPages: number;
+  backgroundPages: number;
+  /** Pending pages the process unmapped or discarded before they were filled. */
+  droppedPages: number;
+  pendingPages: number;
+  eventsFork: number;
+  eventsRemap: number;
+  eventsRemove: number;
+  eventsUnmap: number;
+  retries: number;
+  /** Fault service time (message read → page mapped). */
+  faultP50Ns: number;
+  faultP99Ns: number;
+  faultMaxNs: number;
+  elapsedNs: number;
+  /** Restore → every page home; null until then. */
+  homeNs: number | null;
 }
 
 export interface PageDestination {
@@ -127,7 +167,17 @@ export class PageServer {
     return callSync('page server', () => load().pageServerProgress(this.box));
   }
 
-  /** Stops the server and drops every page it holds. Idempotent. */
+  /** Progress of the lazy fill of the process restored from this server (null: none). */
+  lazyStats(): LazyStats | null {
+    return callSync('lazy pages', () => load().pageServerLazyStats(this.box));
+  }
+
+  /** Waits until the lazily restored process has all its memory (or exited); null: no lazy restore. */
+  async lazyWait(timeoutMs = 60_000): Promise<LazyStats | null> {
+    return call('lazy pages', () => load().pageServerLazyWait(this.box, timeoutMs));
+  }
+
+  /** Stops the server and drops every page it holds (a lazy fill in progress keeps its own). Idempotent. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
@@ -187,10 +237,16 @@ export class SourceSession {
  * Rebuilds the process of `image` with its original pid in this process's pid namespace from the
  * pages `server` received (waited for first if needed), and lets it run. `checkInode` (default
  * true) also requires regular files to be the same inode: right for hosts that share a filesystem.
+ * `lazy` (default false): private anonymous memory is filled after the process runs, from the
+ * pages the server holds, which move into the engine's lazy thread (see PageServer.lazyWait).
  */
-export async function restoreProcess(image: Buffer, server: PageServer, opts: { checkInode?: boolean; waitTimeoutMs?: number } = {}): Promise<RestoreReport> {
+export async function restoreProcess(
+  image: Buffer,
+  server: PageServer,
+  opts: { checkInode?: boolean; waitTimeoutMs?: number; lazy?: boolean } = {},
+): Promise<RestoreReport> {
   if (!server.stats()) await server.wait(opts.waitTimeoutMs ?? 60_000);
-  return call('restore', () => load().restoreProcess(image, server.box, opts.checkInode ?? true));
+  return call('restore', () => load().restoreProcess(image, server.box, opts.checkInode ?? true, opts.lazy ?? false));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,7 +27,10 @@
 //!              reopened by path inside the process, identity re-checked on /proc/PID/fd/N;
 //!              VMAs that receive pages are mapped writable first
 //!  memory      page store → process_vm_writev in vectored batches (/proc/PID/mem for the rest);
-//!              zero markers need no write in anonymous memory, are written in file mappings
+//!              zero markers need no write in anonymous memory, are written in file mappings.
+//!              With `lazy_memory` ([`restore_lazy`]): a userfaultfd made inside the process
+//!              before the mmaps, private anonymous VMAs with data registered MISSING instead of
+//!              written, and the lazy thread started at once (see lazy.rs for the mechanism)
 //!  mprotect    final protections
 //!  mm          prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/arg/env fields, auxv and the
 //!              exe fd (the exe reopened, identity checked)
@@ -47,8 +50,11 @@
 //! The restored process is a child of the engine process (clone3 from the engine): its parent
 //! must reap it when it exits.
 
+pub mod lazy;
 mod rebuild;
 mod stub;
+
+pub use lazy::{LazyError, LazyHandle, LazyOptions, LazySource, LazyState, LazyStats, LazySummary};
 
 /// The protocol between the engine and `tern-stub` (one shared source file, see its header).
 pub mod stub_protocol {
@@ -60,6 +66,7 @@ use crate::pages::PageStore;
 use crate::sys::{Errno, Pid};
 use serde::Serialize;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// One descriptor the restored process must hold, recreated by the files work.
@@ -82,6 +89,13 @@ pub struct RestoreOptions {
     pub fixups: Vec<crate::files::FdFixup>,
     /// How long the stub may take to answer the handover.
     pub stub_timeout: Duration,
+    /// Leave private anonymous memory to a userfaultfd and a background thread instead of
+    /// writing it before the process runs (only [`restore_lazy`] can: the thread needs the
+    /// store). If the userfaultfd cannot be set up the memory is written as usual, with a
+    /// warning.
+    pub lazy_memory: bool,
+    /// How the lazy thread works (window, chunk sizes).
+    pub lazy: LazyOptions,
 }
 
 impl Default for RestoreOptions {
@@ -90,6 +104,8 @@ impl Default for RestoreOptions {
             fds: Vec::new(),
             fixups: Vec::new(),
             stub_timeout: Duration::from_secs(10),
+            lazy_memory: false,
+            lazy: LazyOptions::default(),
         }
     }
 }
@@ -144,6 +160,8 @@ pub struct RestoredProcess {
     /// Connected TCP sockets whose peers were nudged to retransmit at once
     /// ([`crate::files::tcp::nudge_peers`]), in the background after the process resumed.
     pub nudged_connections: usize,
+    /// What was left to the lazy thread (None: every page was written).
+    pub lazy: Option<LazySummary>,
 }
 
 /// Restore failed; the half-built process (if any) was killed and reaped.
@@ -185,15 +203,42 @@ impl RestoreError {
 }
 
 /// Rebuilds `image` with its pid in the calling thread's pid namespace, memory from `pages`.
+/// `options.lazy_memory` needs [`restore_lazy`] (the lazy thread must own the store).
 pub fn restore(
     image: &ProcessImage,
     pages: &PageStore,
     options: RestoreOptions,
 ) -> Result<RestoredProcess, RestoreError> {
+    if options.lazy_memory {
+        return Err(RestoreError::Unsupported(
+            "lazy memory needs a shared page store: use restore_lazy".into(),
+        ));
+    }
+    on_restore_thread(image, pages, None, options).map(|(r, _)| r)
+}
+
+/// [`restore`] with the store shared: with `options.lazy_memory`, private anonymous memory is
+/// filled after the process runs by the returned [`LazyHandle`]'s thread, which holds `pages`
+/// until every page is home (then drops its reference). Without it, the same as [`restore`].
+pub fn restore_lazy(
+    image: &ProcessImage,
+    pages: Arc<PageStore>,
+    options: RestoreOptions,
+) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
+    let source = options.lazy_memory.then(|| pages.clone() as Arc<dyn LazySource>);
+    on_restore_thread(image, &pages, source, options)
+}
+
+fn on_restore_thread(
+    image: &ProcessImage,
+    pages: &PageStore,
+    lazy: Option<Arc<dyn LazySource>>,
+    options: RestoreOptions,
+) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
     std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name(format!("tern-restore-{}", image.source.ns_pid))
-            .spawn_scoped(scope, move || rebuild::run(image, pages, options))
+            .spawn_scoped(scope, move || rebuild::run(image, pages, lazy, options))
             .map_err(|e| RestoreError::at("spawning the restore thread", e))?
             .join()
             .unwrap_or_else(|panic| {
@@ -215,7 +260,24 @@ pub fn restore_with_files(
     files: &crate::files::RecreateOptions,
 ) -> Result<RestoredProcess, RestoreError> {
     let recreated = crate::files::recreate_fds(&image.fds, files)?;
-    let mut restored = restore(image, pages, RestoreOptions::with_files(recreated))?;
+    let restored = restore(image, pages, RestoreOptions::with_files(recreated))?;
+    Ok(nudge(image, restored))
+}
+
+/// [`restore_with_files`] through [`restore_lazy`] (`lazy_memory` as asked).
+pub fn restore_with_files_lazy(
+    image: &ProcessImage,
+    pages: Arc<PageStore>,
+    files: &crate::files::RecreateOptions,
+    lazy_memory: bool,
+) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
+    let recreated = crate::files::recreate_fds(&image.fds, files)?;
+    let options = RestoreOptions { lazy_memory, ..RestoreOptions::with_files(recreated) };
+    let (restored, lazy) = restore_lazy(image, pages, options)?;
+    Ok((nudge(image, restored), lazy))
+}
+
+fn nudge(image: &ProcessImage, mut restored: RestoredProcess) -> RestoredProcess {
     // The peers of its connections may be waiting out a retransmission backoff that grew while
     // the source dropped their segments: prompt them now (RFC 6069 reverts, files/tcp/nudge.rs).
     // On its own thread: the process already runs, and nothing here waits for the ICMPs.
@@ -226,7 +288,7 @@ pub fn restore_with_files(
             .name("tern-nudge".into())
             .spawn(move || crate::files::tcp::nudge_peers(&targets, Default::default()));
     }
-    Ok(restored)
+    restored
 }
 
 /// Checks what restore checks before cloning anything (pid free, files, vdso): `migrate check`

@@ -1,4 +1,5 @@
 //! The restore driver: everything after the checks runs here, on the restore thread.
+use super::lazy::{self, LazyHandle, LazyOptions, LazySource, LazySummary};
 use super::stub::{self, CloneArgs};
 use super::{RestoreError, RestoreOptions, RestoreTimings, RestoredProcess};
 use crate::image::mm::{fnv1a, VmaImage};
@@ -9,6 +10,7 @@ use crate::ptrace::{self, Regs, Stop};
 use crate::remote::{self, StopSource};
 use crate::sys::{Errno, Pid, Tid};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 const TRAMPOLINE_LEN: u64 = 4 * PAGE_SIZE as u64;
@@ -149,6 +151,12 @@ struct Driver<'a> {
     tramp: u64,
     pages_written: u64,
     bytes_written: u64,
+    /// Lazy memory: the page source (None: everything is written).
+    lazy_source: Option<Arc<dyn LazySource>>,
+    lazy_options: LazyOptions,
+    lazy: Option<LazyHandle>,
+    lazy_summary: Option<LazySummary>,
+    warnings: Vec<String>,
 }
 
 impl StopSource for Driver<'_> {
@@ -177,8 +185,9 @@ impl StopSource for Driver<'_> {
 pub(crate) fn run(
     image: &ProcessImage,
     pages: &PageStore,
+    lazy_source: Option<Arc<dyn LazySource>>,
     options: RestoreOptions,
-) -> Result<RestoredProcess, RestoreError> {
+) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
     let total = Instant::now();
     let mut timings = RestoreTimings::default();
     let mut warnings = Vec::new();
@@ -201,6 +210,11 @@ pub(crate) fn run(
         tramp: 0,
         pages_written: 0,
         bytes_written: 0,
+        lazy_source,
+        lazy_options: options.lazy,
+        lazy: None,
+        lazy_summary: None,
+        warnings: Vec::new(),
     };
     let outcome = (|| {
         stub::hand_over(
@@ -224,13 +238,15 @@ pub(crate) fn run(
         Ok(())
     })();
     if let Err(e) = outcome {
+        // The lazy thread (if started) sees the process exit and ends by itself.
         driver.kill_and_reap();
         return Err(e);
     }
+    warnings.append(&mut driver.warnings);
     timings.total_ns = ns(total);
     let mut threads: Vec<i32> = image.threads.iter().map(|t| t.tid).collect();
     threads.sort_by_key(|&t| (t != pid.as_raw(), t));
-    Ok(RestoredProcess {
+    let restored = RestoredProcess {
         pid,
         threads,
         timings,
@@ -238,7 +254,9 @@ pub(crate) fn run(
         bytes_written: driver.bytes_written,
         warnings,
         nudged_connections: 0,
-    })
+        lazy: driver.lazy_summary,
+    };
+    Ok((restored, driver.lazy.take()))
 }
 
 impl Driver<'_> {
@@ -418,9 +436,26 @@ impl Driver<'_> {
             .collect();
         let mut fds: BTreeMap<(String, bool), u64> = BTreeMap::new();
         let mut written = Vec::with_capacity(vmas.len());
+        // Lazy memory: the userfaultfd exists before the VMAs (it belongs to the mm); if it
+        // cannot be made, everything is written as usual.
+        let uffd = match self.lazy_source.clone() {
+            Some(source) => match self.make_uffd()? {
+                Ok(u) => Some((u, source)),
+                Err(e) => {
+                    self.warnings.push(format!("lazy memory off, pages written instead: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut lazy_vmas: Vec<(u64, u64)> = Vec::new();
         for v in &vmas {
+            let is_lazy = uffd.as_ref().is_some_and(|(_, source)| lazy::is_lazy_vma(v, source.as_ref()));
+            if is_lazy {
+                lazy_vmas.push((v.start, v.end));
+            }
             let has_pages = pages.range(v.start, v.end).next().is_some();
-            let fill = has_pages && v.kind != VmaKind::FileShared;
+            let fill = has_pages && v.kind != VmaKind::FileShared && !is_lazy;
             let prot = if fill {
                 v.prot | (libc::PROT_READ | libc::PROT_WRITE) as u32
             } else {
@@ -459,6 +494,15 @@ impl Driver<'_> {
             self.sys(leader, "close(map fd)", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
 
+        // 4b. Lazy VMAs: registered and the thread started now, before anything below can
+        // touch them (rseq registration writes into the thread's TLS).
+        if let Some(((uffd, features), source)) = uffd {
+            let handle = lazy::start(pid, uffd, features, &lazy_vmas, source, self.lazy_options)
+                .map_err(|e| RestoreError::at("starting lazy memory", e))?;
+            self.lazy_summary = Some(handle.stats().summary);
+            self.lazy = Some(handle);
+        }
+
         // 5. Pages: gathered into batches, then written by parallel writers (write_parallel).
         let mut batches = Vec::new();
         for (v, fill, _) in &written {
@@ -483,6 +527,22 @@ impl Driver<'_> {
         // 7. The mm fields, auxv and exe.
         self.set_mm()?;
         Ok(())
+    }
+
+    /// userfaultfd(O_CLOEXEC|O_NONBLOCK) inside the process, taken with pidfd_getfd, closed in
+    /// the process (it must not keep a stray fd), features negotiated. The inner error means
+    /// "no lazy memory" (nothing registered yet); the outer one fails the restore.
+    #[allow(clippy::type_complexity)]
+    fn make_uffd(&mut self) -> Result<Result<(lazy::Uffd, u64), lazy::LazySetupError>, RestoreError> {
+        let pid = self.pid;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = match self.sys(self.leader(), "userfaultfd", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0]) {
+            Ok(fd) => fd,
+            Err(e) => return Ok(Err(lazy::LazySetupError::Create { pid, detail: e.to_string() })),
+        };
+        let stolen = lazy::steal(pid, fd as i32);
+        self.sys(self.leader(), "close(userfaultfd)", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        Ok(stolen)
     }
 
     fn mremap(&mut self, from: u64, len: u64, to: u64) -> Result<(), RestoreError> {

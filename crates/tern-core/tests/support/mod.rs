@@ -30,3 +30,18 @@ pub fn build_fixture(source: &str, name: &str) -> PathBuf {
     std::fs::rename(&partial, &out).expect("moving the fixture into place");
     out
 }
+
+/// A process a test started (or restored), SIGKILLed and reaped by pid on drop.
+pub struct OwnedProc {
+    pub pid: i32,
+}
+
+impl Drop for OwnedProc {
+    fn drop(&mut self) {
+        // SAFETY: kill/waitpid by the pid of a process this test started (or restored).
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}

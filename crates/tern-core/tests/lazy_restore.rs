@@ -1,0 +1,280 @@
+//! Lazy memory at the destination: restore with `lazy_memory`, the process runs while a
+//! userfaultfd thread fills its private anonymous memory (faults + background), then everything
+//! is unregistered and closed. Verified by the processes themselves: test/workloads memcheck
+//! (continuous sweeps; `--write-rate` also catches stale pages) and tests/lazy/fixture.c
+//! (munmap / MADV_DONTNEED / mremap / fork right after the restore, before homing).
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use tern_core::dump::SourceSession;
+use tern_core::files::RecreateOptions;
+use tern_core::pages::PageStore;
+use tern_core::restore::{self, LazyHandle, LazyState, LazyStats, RestoreOptions, RestoredProcess};
+use tern_core::sys::Pid;
+
+fn tmp() -> PathBuf {
+    support::scratch_dir("lazy")
+}
+
+fn fixture_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| support::build_fixture("lazy/fixture.c", "lazy-fixture"))
+}
+
+fn memcheck_bin() -> PathBuf {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../test/workloads"));
+    let bin = dir.join("bin/memcheck");
+    if !bin.exists() {
+        assert!(Command::new("make").arg("-C").arg(&dir).status().unwrap().success());
+    }
+    bin
+}
+
+use support::OwnedProc as Proc;
+
+struct Workload {
+    proc: Proc,
+    status: PathBuf,
+}
+
+fn num(s: &HashMap<String, String>, key: &str) -> u64 {
+    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn read_status(path: &Path) -> HashMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+impl Workload {
+    fn spawn(mut cmd: Command, status: PathBuf, ready: impl Fn(&HashMap<String, String>) -> bool) -> Workload {
+        let _ = std::fs::remove_file(&status);
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let w = Workload { proc: Proc { pid: child.id() as i32 }, status };
+        std::mem::forget(child); // reaped by Proc
+        w.wait_for(ready, "the workload to start");
+        w
+    }
+
+    fn status(&self) -> HashMap<String, String> {
+        read_status(&self.status)
+    }
+
+    fn wait_for(&self, ok: impl Fn(&HashMap<String, String>) -> bool, what: &str) -> HashMap<String, String> {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            assert_eq!(num(&s, "errors"), 0, "the process reports errors: {s:?}");
+            if ok(&s) {
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}: {s:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn uffd_fds(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .filter(|l| l.contains("userfaultfd"))
+        .collect()
+}
+
+/// Dump (cold), kill the original, restore with or without lazy memory.
+fn migrate(raw_pid: i32, lazy: bool) -> (RestoredProcess, Option<LazyHandle>) {
+    let pid = Pid::new(raw_pid).unwrap();
+    let session = SourceSession::freeze(pid).unwrap();
+    let mut store = PageStore::new();
+    let (image, stats) = session.dump(&mut store).unwrap();
+    session.commit().unwrap();
+    // SAFETY: reaping our own child by pid.
+    unsafe { libc::waitpid(raw_pid, std::ptr::null_mut(), 0) };
+    let (restored, handle) =
+        restore::restore_with_files_lazy(&image, Arc::new(store), &RecreateOptions::default(), lazy).unwrap();
+    let t = restored.timings;
+    eprintln!(
+        "restore ({}): {} data pages in the image; memory step {:.1} ms, total {:.1} ms, {} pages written; lazy {:?}; warnings {:?}",
+        if lazy { "lazy" } else { "eager" },
+        stats.data_pages,
+        t.memory_ns as f64 / 1e6,
+        t.total_ns as f64 / 1e6,
+        restored.pages_written,
+        restored.lazy,
+        restored.warnings
+    );
+    assert_eq!(restored.pid.as_raw(), raw_pid);
+    assert_eq!(handle.is_some(), lazy);
+    (restored, handle)
+}
+
+fn print_stats(what: &str, s: &LazyStats) {
+    eprintln!(
+        "{what}: {:?}; faults {} ({} data pages, {} zero), background {} pages, dropped {}, retries {}, \
+         events fork/remap/remove/unmap {}/{}/{}/{}; fault service p50 {:.1} µs p99 {:.1} µs max {:.1} µs; home in {:.1} ms",
+        s.state,
+        s.faults,
+        s.fault_pages,
+        s.zero_pages,
+        s.background_pages,
+        s.dropped_pages,
+        s.retries,
+        s.events_fork,
+        s.events_remap,
+        s.events_remove,
+        s.events_unmap,
+        s.fault_p50_ns as f64 / 1e3,
+        s.fault_p99_ns as f64 / 1e3,
+        s.fault_max_ns as f64 / 1e3,
+        s.home_ns.unwrap_or(0) as f64 / 1e6
+    );
+}
+
+fn memcheck(name: &str, mib: u32, extra: &[&str]) -> Workload {
+    let status = tmp().join(format!("{name}.status"));
+    let mut cmd = Command::new(memcheck_bin());
+    cmd.arg("--status").arg(&status).args(["--mib", &mib.to_string()]).args(extra);
+    Workload::spawn(cmd, status, |s| num(s, "tick") >= 20 && s.get("phase").is_some_and(|p| p == "running"))
+}
+
+/// Restores a memcheck lazily, waits for homing, then two more sweeps with errors=0.
+fn memcheck_lazy(mib: u32, extra: &[&str]) -> (RestoredProcess, LazyStats) {
+    let w = memcheck(&format!("lazy-{mib}-{}", extra.len()), mib, extra);
+    let (restored, handle) = migrate(w.proc.pid, true);
+    let handle = handle.unwrap();
+    let summary = restored.lazy.unwrap();
+    assert!(summary.lazy_pages >= u64::from(mib) * 256, "{summary:?}");
+    let stats = handle.wait(Duration::from_secs(60)).unwrap();
+    assert_eq!(stats.state, LazyState::Homed);
+    assert_eq!(stats.pending_pages, 0);
+    assert!(stats.fault_pages + stats.background_pages >= u64::from(mib) * 256, "{stats:?}");
+    assert!(uffd_fds(w.proc.pid).is_empty(), "a userfaultfd left in the process: {:?}", uffd_fds(w.proc.pid));
+    let key = "sweeps";
+    let s = w.status();
+    w.wait_for(|x| num(x, key) > num(&s, key) + 2, "two more sweeps after homing");
+    (restored, stats)
+}
+
+#[test]
+fn memcheck_64_mib_lazy() {
+    let (_, stats) = memcheck_lazy(64, &[]);
+    print_stats("memcheck 64 MiB", &stats);
+}
+
+#[test]
+fn memcheck_256_mib_lazy_vs_eager() {
+    let eager = memcheck("eager-256", 256, &[]);
+    let (restored_eager, _) = migrate(eager.proc.pid, false);
+    let s = eager.status();
+    eager.wait_for(|x| num(x, "sweeps") > num(&s, "sweeps") + 1, "eager copy to sweep");
+    drop(eager);
+    let (restored_lazy, stats) = memcheck_lazy(256, &[]);
+    print_stats("memcheck 256 MiB", &stats);
+    eprintln!(
+        "256 MiB restore: eager {:.1} ms (memory {:.1} ms), lazy {:.1} ms (memory {:.1} ms); lazy home {:.1} ms, fault p50 {:.1} µs p99 {:.1} µs",
+        restored_eager.timings.total_ns as f64 / 1e6,
+        restored_eager.timings.memory_ns as f64 / 1e6,
+        restored_lazy.timings.total_ns as f64 / 1e6,
+        restored_lazy.timings.memory_ns as f64 / 1e6,
+        stats.home_ns.unwrap_or(0) as f64 / 1e6,
+        stats.fault_p50_ns as f64 / 1e3,
+        stats.fault_p99_ns as f64 / 1e3,
+    );
+}
+
+#[test]
+fn memcheck_256_mib_writer_lazy_no_stale_pages() {
+    let (_, stats) = memcheck_lazy(256, &["--write-rate", "200", "--threads", "none"]);
+    print_stats("memcheck 256 MiB --write-rate 200", &stats);
+    assert!(stats.faults > 0, "a writer right after restore faults: {stats:?}");
+}
+
+fn lazy_fixture(name: &str, mib: u32, mode: &str) -> (Workload, PathBuf) {
+    let status = tmp().join(format!("{name}.status"));
+    let trigger = tmp().join(format!("{name}.go"));
+    let _ = std::fs::remove_file(&trigger);
+    let _ = std::fs::remove_file(trigger.with_extension("go.2"));
+    let mut cmd = Command::new(fixture_bin());
+    cmd.arg(&status).arg(&trigger).arg(mib.to_string()).arg(mode);
+    let w = Workload::spawn(cmd, status, |s| s.get("phase").is_some_and(|p| p == "ready"));
+    (w, trigger)
+}
+
+fn trigger2(trigger: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.2", trigger.display()))
+}
+
+#[test]
+fn discarded_unmapped_and_moved_memory_before_homing() {
+    let (w, trigger) = lazy_fixture("discard", 128, "discard");
+    let (_, handle) = migrate(w.proc.pid, true);
+    let handle = handle.unwrap();
+    std::fs::write(&trigger, b"").unwrap();
+    w.wait_for(|s| s.get("phase").is_some_and(|p| p == "changed"), "the fixture to change its memory");
+    let stats = handle.wait(Duration::from_secs(60)).unwrap();
+    print_stats("discard fixture 128 MiB", &stats);
+    assert_eq!(stats.state, LazyState::Homed);
+    assert!(stats.events_remove >= 1 && stats.events_unmap >= 1 && stats.events_remap >= 1, "{stats:?}");
+    assert!(stats.dropped_pages > 0, "the discards came before the fill reached them: {stats:?}");
+    std::fs::write(trigger2(&trigger), b"").unwrap();
+    w.wait_for(|s| s.get("phase").is_some_and(|p| p == "verified"), "the fixture to verify after homing");
+    assert!(uffd_fds(w.proc.pid).is_empty());
+}
+
+#[test]
+fn fork_right_after_restore() {
+    let (w, trigger) = lazy_fixture("fork", 128, "fork");
+    let (_, handle) = migrate(w.proc.pid, true);
+    let handle = handle.unwrap();
+    std::fs::write(&trigger, b"").unwrap();
+    w.wait_for(|s| s.get("phase").is_some_and(|p| p == "changed"), "parent and child to verify");
+    let child = read_status(&PathBuf::from(format!("{}.child", w.status.display())));
+    assert_eq!(child.get("phase").map(String::as_str), Some("child-done"), "{child:?}");
+    assert_eq!(num(&child, "errors"), 0, "{child:?}");
+    let stats = handle.wait(Duration::from_secs(60)).unwrap();
+    print_stats("fork fixture 128 MiB", &stats);
+    assert!(stats.events_fork >= 1, "{stats:?}");
+    std::fs::write(trigger2(&trigger), b"").unwrap();
+    w.wait_for(|s| s.get("phase").is_some_and(|p| p == "verified"), "the parent to verify after homing");
+}
+
+#[test]
+fn process_exit_before_homing_stops_the_thread() {
+    let w = memcheck("exit-256", 256, &["--threads", "none"]);
+    let (_, handle) = migrate(w.proc.pid, true);
+    let handle = handle.unwrap();
+    drop(w); // SIGKILL + reap at once
+    let stats = handle.wait(Duration::from_secs(30)).unwrap();
+    eprintln!("exit before homing: {:?}, pending {}", stats.state, stats.pending_pages);
+    assert!(matches!(stats.state, LazyState::Exited | LazyState::Homed), "{stats:?}");
+    assert!(handle.is_finished() || {
+        std::thread::sleep(Duration::from_millis(100));
+        handle.is_finished()
+    });
+}
+
+#[test]
+fn lazy_needs_a_shared_store() {
+    let image = return_image();
+    let options = RestoreOptions { lazy_memory: true, ..RestoreOptions::default() };
+    let err = restore::restore(&image, &PageStore::new(), options).unwrap_err();
+    assert!(err.to_string().contains("restore_lazy"), "{err}");
+}
+
+fn return_image() -> tern_core::image::ProcessImage {
+    let w = memcheck("image-only", 8, &["--threads", "none"]);
+    let session = SourceSession::freeze(Pid::new(w.proc.pid).unwrap()).unwrap();
+    let mut store = PageStore::new();
+    let (image, _) = session.dump(&mut store).unwrap();
+    session.abort().unwrap();
+    image
+}
