@@ -3,7 +3,8 @@
  * process, and small waits. Tests start every process they touch themselves.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Lab } from '@tern/lab';
@@ -110,7 +111,7 @@ export async function redisCli(lab: Lab, host: string, address: string, port: nu
 export interface MigrateJson {
   id: string;
   state: string;
-  failure?: { kind: string; message: string } | null;
+  failure?: { kind: string; phase?: string; message: string } | null;
   [k: string]: unknown;
 }
 
@@ -146,4 +147,26 @@ export async function labWithAgents(t: Teardownable): Promise<Lab> {
   const lab = await labFor(t, 2);
   await lab.startAgents();
   return lab;
+}
+
+/**
+ * redis-server (Debian's) as a daemon in a lab host, serving on every address, no persistence,
+ * DEBUG allowed; resolves with its pid (as the host sees it) once it answers PING at `address`
+ * (default: the lab's service address) from the client namespace.
+ */
+export async function startRedis(lab: Lab, host = 'hostA', opts: { address?: string; extra?: string[] } = {}): Promise<number> {
+  const dir = mkdtempSync(join(tmpdir(), 'tern-redis-'));
+  const redis = await lab.startDaemon(host, [
+    'redis-server', '--port', '6379', '--bind', '0.0.0.0', '--protected-mode', 'no', '--save', '', '--appendonly', 'no',
+    '--enable-debug-command', 'yes', '--dir', dir, ...(opts.extra ?? []),
+  ], { logFile: join(dir, 'redis.log') });
+  const address = opts.address ?? lab.info.serviceAddress;
+  await waitFor(`redis-server on ${host}`, async () => {
+    try {
+      return (await redisCli(lab, 'client', address, 6379, ['PING'])) === 'PONG' ? true : null;
+    } catch {
+      return null; // not up yet
+    }
+  }, 10_000);
+  return redis.pid;
 }

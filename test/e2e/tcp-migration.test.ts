@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ChildProcess } from 'node:child_process';
 import type { Lab } from '@tern/lab';
-import { labWithAgents, migrate, redisCli, repoRoot, runsOn, sleep, waitFor } from './helpers.js';
+import { labWithAgents, migrate, redisCli, repoRoot, runsOn, sleep, startRedis, waitFor } from './helpers.js';
 import { num, readStatus, waitForStatus, workloadBin } from '../workloads/status.js';
 
 const incrLoop = join(repoRoot, 'test', 'e2e', 'fixtures', 'redis_incr_loop.py');
@@ -50,24 +50,6 @@ function background(lab: Lab, argv: string[]): { child: ChildProcess; output: ()
   return { child, output: () => out };
 }
 
-async function startRedis(lab: Lab, host = 'hostA'): Promise<number> {
-  const dir = mkdtempSync(join(tmpdir(), 'tern-tcp-redis-'));
-  const redis = await lab.startDaemon(host, [
-    'redis-server', '--port', '6379', '--bind', '0.0.0.0', '--protected-mode', 'no', '--save', '', '--appendonly', 'no',
-    '--enable-debug-command', 'yes', '--dir', dir, '--maxclients', '1000',
-  ], { logFile: join(dir, 'redis.log') });
-  for (let i = 0; ; i++) {
-    try {
-      if ((await redisCli(lab, 'client', lab.info.serviceAddress, 6379, ['PING'])) === 'PONG') break;
-    } catch {
-      /* not up yet */
-    }
-    if (i > 100) throw new Error('redis-server did not answer');
-    await sleep(50);
-  }
-  return redis.pid;
-}
-
 /** Where the service address is configured, and the tern-* nftables tables left anywhere. */
 async function networkState(lab: Lab): Promise<{ addressOn: string[]; tables: string[] }> {
   const addressOn: string[] = [];
@@ -94,7 +76,7 @@ async function agentMetrics(lab: Lab, host: string, re: RegExp): Promise<Record<
 
 t.test('redis with 50 benchmark clients and an INCR loop connected moves without an error', async (t) => {
   const lab = await labWithAgents(t);
-  const redis = await startRedis(lab);
+  const redis = await startRedis(lab, 'hostA', { extra: ['--maxclients', '1000'] });
   const cli = (...args: string[]) => redisCli(lab, 'client', lab.info.serviceAddress, 6379, args);
   await cli('DEBUG', 'POPULATE', '200000', 'key', '100');
   const digestBefore = await cli('DEBUG', 'DIGEST');
@@ -142,7 +124,7 @@ t.test('redis with 50 benchmark clients and an INCR loop connected moves without
 
 t.test('a restore that fails leaves the connections on hostA, the address there and no lock table', async (t) => {
   const lab = await labWithAgents(t);
-  const redis = await startRedis(lab);
+  const redis = await startRedis(lab, 'hostA', { extra: ['--maxclients', '1000'] });
   const cli = (...args: string[]) => redisCli(lab, 'client', lab.info.serviceAddress, 6379, args);
   await cli('DEBUG', 'POPULATE', '10000', 'key', '100');
   const digestBefore = await cli('DEBUG', 'DIGEST');

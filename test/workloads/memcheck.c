@@ -78,16 +78,6 @@ static int strict_eintr;
 static int efd, epfd, pipefd[2];
 static uint32_t futex_word;
 
-static inline uint64_t mix(uint64_t x)
-{
-	x ^= x >> 30;
-	x *= 0xbf58476d1ce4e5b9ull;
-	x ^= x >> 27;
-	x *= 0x94d049bb133111ebull;
-	x ^= x >> 31;
-	return x;
-}
-
 static inline uint64_t page_seed(size_t i) { return mix(((uint64_t)i << 32) ^ gen[i] ^ 0x5eed); }
 
 static void fill_page(size_t i)

@@ -80,16 +80,6 @@ static int nconns; /* atomic */
 static uint64_t accepted, resets, eofs, shut_wr, closed, max_gap_ns, open_conns;
 static int listen_port;
 
-static inline uint64_t mix(uint64_t x)
-{
-	x ^= x >> 30;
-	x *= 0xbf58476d1ce4e5b9ull;
-	x ^= x >> 27;
-	x *= 0x94d049bb133111ebull;
-	x ^= x >> 31;
-	return x;
-}
-
 /* Fill buf with stream bytes [off, off + n). */
 static void gen_bytes(uint64_t seed, uint64_t off, uint8_t *buf, size_t n)
 {

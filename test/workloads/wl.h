@@ -138,4 +138,16 @@ __attribute__((format(printf, 3, 4))) static inline void wl_append(char *buf, si
 	va_end(ap);
 }
 
+/* splitmix64's finaliser: the deterministic content of memcheck's pages and tcpstream's streams,
+ * so that any byte can be recomputed from its position alone. */
+static inline uint64_t mix(uint64_t x)
+{
+	x ^= x >> 30;
+	x *= 0xbf58476d1ce4e5b9ull;
+	x ^= x >> 27;
+	x *= 0x94d049bb133111ebull;
+	x ^= x >> 31;
+	return x;
+}
+
 #endif

@@ -44,7 +44,7 @@ import {
 } from '@tern/protocol';
 
 import type { AgentConfig } from './config.js';
-import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine, type SourceSessionHandle } from './engine.js';
+import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine, type PageServerHandle, type SourceSessionHandle } from './engine.js';
 import { destinationBlockers } from './readiness.js';
 import { watchTcpResume } from './tcp-resume.js';
 import { AgentSession, SessionTable } from './sessions.js';
@@ -137,6 +137,38 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
   const refreshActive = () => {
     for (const role of ['source', 'destination'] as const) {
       metrics.activeSessions.set({ role }, sessions.all().filter((s) => s.role === role && s.active).length);
+    }
+  };
+
+  // Processes restored lazily whose memory is still arriving (pid → their page server): a new
+  // migration of such a process waits for it (its memory is registered with our userfaultfd).
+  const homing = new Map<number, PageServerHandle>();
+  const watchHoming = (id: string, pid: number, server: PageServerHandle, log: { info(m: string): void; warn(m: string): void }) => {
+    homing.set(pid, server);
+    void server.lazyWait!(24 * 3600_000).then(
+      (stats) => {
+        if (homing.get(pid) === server) homing.delete(pid);
+        if (!stats) return;
+        metrics.pagesTotal.inc({ kind: 'lazy' }, stats.faultPages + stats.backgroundPages);
+        if (stats.homeNs !== null && stats.homeNs !== undefined) metrics.lazyHomeSeconds.observe(stats.homeNs / 1e9);
+        const state = stats.state.state === 'failed' ? `failed: ${stats.state.detail}` : stats.state.state;
+        const msg = `migration ${id}: lazy memory of pid ${pid} ${state} — ${stats.faultPages} pages by fault (p50 ${(stats.faultP50Ns / 1e3).toFixed(0)} µs, p99 ${(stats.faultP99Ns / 1e3).toFixed(0)} µs), ${stats.backgroundPages} in the background`;
+        if (stats.state.state === 'failed') log.warn(msg);
+        else log.info(msg);
+      },
+      (err: Error) => {
+        if (homing.get(pid) === server) homing.delete(pid);
+        log.warn(`migration ${id}: waiting for the lazy memory of pid ${pid}: ${err.message}`);
+      },
+    );
+  };
+  /** Waits (bounded) until `pid`'s lazy memory is home; throws 409 if it is not by then. */
+  const settleHoming = async (pid: number) => {
+    const server = homing.get(pid);
+    if (!server?.lazyWait) return;
+    const stats = await server.lazyWait(30_000);
+    if (stats?.state.state === 'running') {
+      throw new HttpError(409, 'busy', `pid ${pid} is still receiving its memory from its last migration (${stats.pendingPages} pages to go): try again shortly`);
     }
   };
 
@@ -248,7 +280,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
               throw new HttpError(422, 'address-handoff', (err as Error).message);
             }
           }
-          const report = await engine.restore(image, server);
+          const report = await engine.restore(image, server, { lazy: request.body.lazy === true });
           // The sockets exist: the guard goes, but not inside the downtime.
           void unguardRestore(id).catch(() => {});
           return report;
@@ -268,6 +300,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         session.restoredPid = report.pid;
         session.set('restored');
         metrics.restoreSeconds.observe(report.timings.totalNs / 1e9);
+        if (report.lazy && server.lazyWait) watchHoming(id, report.pid, server, request.log);
         // In the background: how long the restored connections wait for their peers (tcp-resume.ts).
         void watchTcpResume(report.pid, performance.now()).then((r) => {
           for (const d of r.delaysSeconds) metrics.tcpResumeDelaySeconds.observe(d);
@@ -307,6 +340,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       const precopy = existing?.role === 'source' && existing.pid === pid && existing.is('precopy') ? existing.precopy : null;
       if (existing && !precopy) throw new HttpError(409, 'conflict', `migration ${id} already has a session on this agent (${existing.role}, ${existing.state})`);
       if (!precopy && missing().length) throw new EngineUnavailableError(missing());
+      if (!precopy) await settleHoming(pid);
       const session = existing ?? new AgentSession(id, 'source', pid, 'freezing');
       if (existing) session.set('freezing');
       else sessions.add(session);
@@ -410,6 +444,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       const { id } = request.params;
       const body = request.body;
       if (sessions.get(id)) throw new HttpError(409, 'conflict', `migration ${id} already has a session on this agent`);
+      await settleHoming(body.pid);
       const session = new AgentSession(id, 'source', body.pid, 'precopy');
       session.precopyOptions = body;
       sessions.add(session);

@@ -11,7 +11,9 @@
  *   source       SourceSession.open(pid)                                      → session
  *   source       session.freeze()                                             → FreezeReport
  *   source       session.dump(destination: PageDestination)                   → { image: Buffer, dump, transfer }
- *   destination  restoreProcess(image: Buffer, server)                        → RestoreReport
+ *   destination  restoreProcess(image: Buffer, server, { lazy })               → RestoreReport
+ *                (lazy: private memory filled by userfaultfd after the process runs;
+ *                server.lazyWait(ms) until every page is home)
  *   source       pre-copy instead of open/freeze/dump:
  *                PrecopySession.open(pid)                                    → precopy (tracking on, process runs)
  *                precopy.round(destination) … precopy.decide(limits)        → one round's stats, then the verdict
@@ -22,7 +24,7 @@
  */
 import * as native from '@tern/native';
 import { EngineError } from '@tern/native';
-import type { DumpStats, PageDestination, RestoreReport, TransferStats } from '@tern/native';
+import type { DumpStats, LazyStats, PageDestination, RestoreReport, TransferStats } from '@tern/native';
 import type { FreezeReport, PrecopyRound, PrecopyVerdict } from '@tern/protocol';
 
 export interface PageServerHandle {
@@ -31,6 +33,9 @@ export interface PageServerHandle {
   /** If the engine chose the token itself; otherwise the one we passed is in force. */
   readonly token?: string;
   stats?(): TransferStats | undefined;
+  /** The lazy fill of the process restored from this server (null: none). */
+  lazyStats?(): LazyStats | null;
+  lazyWait?(timeoutMs: number): Promise<LazyStats | null>;
   close(): Promise<void>;
 }
 
@@ -62,7 +67,7 @@ export interface MigrationEngine {
   openSource(pid: number): Promise<SourceSessionHandle>;
   /** fixedCostMs: what a switchover costs beyond moving the last dirty pages (freeze, image, restore). */
   openPrecopy(pid: number, opts?: { fixedCostMs?: number }): Promise<PrecopyHandle>;
-  restore(image: Buffer, server: PageServerHandle): Promise<RestoreReport>;
+  restore(image: Buffer, server: PageServerHandle, opts?: { lazy?: boolean }): Promise<RestoreReport>;
 }
 
 interface NativePrecopySession {
@@ -77,7 +82,7 @@ interface NativeMigrationExports {
   PrecopySession?: { open?: (pid: number, opts?: { fixedCostNs?: number }) => Promise<NativePrecopySession> };
   PageServer?: { start?: (opts: { address: string; port: number; migrationId: string; token: string }) => Promise<PageServerHandle> };
   SourceSession?: { open?: (pid: number) => SourceSessionHandle | Promise<SourceSessionHandle> };
-  restoreProcess?: (image: Buffer, server: PageServerHandle) => Promise<RestoreReport>;
+  restoreProcess?: (image: Buffer, server: PageServerHandle, opts?: { lazy?: boolean }) => Promise<RestoreReport>;
 }
 
 export const UNAVAILABLE_MESSAGE = 'cold migration engine is not built in this version';
@@ -144,9 +149,9 @@ export function nativeMigrationEngine(mod: unknown = native): MigrationEngine {
         abort: () => session.abort(),
       };
     },
-    async restore(image, server) {
+    async restore(image, server, opts = {}) {
       if (typeof m.restoreProcess !== 'function') throw new EngineUnavailableError(['restoreProcess']);
-      return m.restoreProcess(image, server);
+      return m.restoreProcess(image, server, opts);
     },
   };
 }

@@ -72,6 +72,8 @@ export interface AgentMetrics {
   tcpResumeDelaySeconds: Histogram;
   /** Restored TCP connections whose peer sent nothing within the watch after the restore. */
   tcpIdleConnectionsTotal: Counter;
+  /** After a lazy restore: from the process resuming until every page of its memory is home. */
+  lazyHomeSeconds: Histogram;
   /** Control requests answered 4xx/5xx, by route and status code (401s included). */
   requestErrorsTotal: Counter<'route' | 'code'>;
 }
@@ -135,6 +137,12 @@ export function createAgentMetrics(opts: { prefix?: string; defaultMetrics?: boo
     tcpResumeDelaySeconds: new Histogram({
       name: `${prefix}tcp_resume_delay_seconds`,
       help: 'Per restored TCP connection: time from the process resuming on this host until the first data from its peer (a client pause is the downtime plus this)',
+      buckets: DOWNTIME_BUCKETS_SECONDS,
+      registers,
+    }),
+    lazyHomeSeconds: new Histogram({
+      name: `${prefix}lazy_home_seconds`,
+      help: 'After a lazy restore: time from the process resuming until every page of its memory is home',
       buckets: DOWNTIME_BUCKETS_SECONDS,
       registers,
     }),

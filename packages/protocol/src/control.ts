@@ -200,6 +200,11 @@ export interface RestoreRequest {
   image: string;
   /** Service addresses to take over before the restore (the restored sockets are bound to them). */
   addresses?: string[];
+  /**
+   * Let the process run before its private memory is written: userfaultfd serves its faults from
+   * the page store and a background fill completes it (the restore's memory write leaves the downtime).
+   */
+  lazy?: boolean;
   from?: string;
   to?: string;
 }
@@ -311,6 +316,7 @@ export const restoreRequestSchema = {
     // base64 of a msgpack image; 256 MiB is far above any real image (pages are not in it).
     image: { type: 'string', minLength: 1, maxLength: 268435456, pattern: '^[A-Za-z0-9+/]+={0,2}$' },
     addresses: { type: 'array', maxItems: 64, items: serviceAddressSchema },
+    lazy: { type: 'boolean' },
     from: hostNameSchema,
     to: hostNameSchema,
   },
