@@ -244,6 +244,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
     '/v1/migrations/:id/restore',
     { schema: { params: migrationIdParamsSchema, body: restoreRequestSchema, response: errorResponses } },
     async (request) => {
+      const received = performance.now();
       const { id } = request.params;
       const session = sessions.get(id);
       if (!session || session.role !== 'destination') throw notFound(id);
@@ -280,7 +281,9 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
               throw new HttpError(422, 'address-handoff', (err as Error).message);
             }
           }
+          const called = performance.now();
           const report = await engine.restore(image, server, { lazy: request.body.lazy === true });
+          request.log.info(`migration ${id}: restore call ${(performance.now() - called).toFixed(1)} ms, engine ${(report.timings.totalNs / 1e6).toFixed(1)} ms, since the request ${(performance.now() - received).toFixed(1)} ms, image ${image.length} bytes`);
           // The sockets exist: the guard goes, but not inside the downtime.
           void unguardRestore(id).catch(() => {});
           return report;
@@ -300,16 +303,21 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         session.restoredPid = report.pid;
         session.set('restored');
         metrics.restoreSeconds.observe(report.timings.totalNs / 1e9);
-        if (report.lazy && server.lazyWait) watchHoming(id, report.pid, server, request.log);
-        // In the background: how long the restored connections wait for their peers (tcp-resume.ts).
-        void watchTcpResume(report.pid, performance.now()).then((r) => {
-          for (const d of r.delaysSeconds) metrics.tcpResumeDelaySeconds.observe(d);
-          metrics.tcpIdleConnectionsTotal.inc(r.idle);
-          if (r.connections) {
-            const max = Math.max(0, ...r.delaysSeconds) * 1000;
-            request.log.info(`migration ${id}: ${r.delaysSeconds.length} of ${r.connections} restored connections heard from their peers, the last after ${max.toFixed(1)} ms; ${r.idle} idle`);
-          }
-        }, () => {});
+        // Watchers of what follows the resume, started once the answer is on its way: spawning ss
+        // or queueing a Neon task here would sit inside the downtime the coordinator measures.
+        const resumedAt = performance.now();
+        setImmediate(() => {
+          if (report.lazy && server.lazyWait) watchHoming(id, report.pid, server, request.log);
+          // How long the restored connections wait for their peers (tcp-resume.ts).
+          void watchTcpResume(report.pid, resumedAt).then((r) => {
+            for (const d of r.delaysSeconds) metrics.tcpResumeDelaySeconds.observe(d);
+            metrics.tcpIdleConnectionsTotal.inc(r.idle);
+            if (r.connections) {
+              const max = Math.max(0, ...r.delaysSeconds) * 1000;
+              request.log.info(`migration ${id}: ${r.delaysSeconds.length} of ${r.connections} restored connections heard from their peers, the last after ${max.toFixed(1)} ms; ${r.idle} idle`);
+            }
+          }, () => {});
+        });
         const stats = server.stats?.();
         if (stats) {
           metrics.pageBytesTotal.inc({ direction: 'received' }, stats.wireBytes);

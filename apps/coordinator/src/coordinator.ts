@@ -386,9 +386,16 @@ export class Coordinator {
       rec = this.get(id);
       this.emit(rec, 'log', `commit point passed: pid ${stats.restoredPid} runs on ${rec.to}`);
 
-      // postcopy: cold mode leaves no lazy pages; the source's original is killed and the
-      // destination's page server closed.
-      rec = this.enter(id, 'postcopy', `no lazy pages in ${rec.mode} mode: finishing on both hosts`, phase);
+      // postcopy: nothing is fetched from the source in cold and pre-copy modes (the destination
+      // fills lazily from its own store); the original is killed, the page server closed.
+      rec = this.enter(
+        id,
+        'postcopy',
+        stats.pages.lazy
+          ? `finishing on both hosts; on ${rec.to} the last ${stats.pages.lazy} pages arrive from its own page store (userfaultfd), no page is fetched from ${rec.from}`
+          : 'finishing on both hosts',
+        phase,
+      );
       await this.finishCommitted(rec);
       stats.totalMs = performance.now() - started;
       this.finishDone(id, stats, phase);
