@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 /**
  * `npm run demo`: a lab of two hosts plus a client, a Tern agent in each host, a live redis-server
- * on hostA with a dataset, `migrate check` on it, then one cold migration to hostB through
+ * on hostA with a dataset, `migrate check` on it, then one pre-copy migration to hostB through
  * `migrate --lab` (an embedded coordinator driving the two agents) while 20 redis-benchmark
  * clients and one counting client stay connected: their TCP connections move with the process
  * (TCP repair), the service address moves with it, and the counting client reports the longest
@@ -88,8 +88,8 @@ try {
   await sleep(1500);
   say(`\n${(await redisCli('INFO', 'clients')).match(/connected_clients:\d+/)?.[0]} (20 redis-benchmark connections + 1 counting INCR + this redis-cli)`);
 
-  say(`\n$ migrate --lab ${lab.name} --from hostA --to hostB --pid ${redis.pid}`);
-  const migrate = await lab.run('client', [process.execPath, cli, '--lab', lab.name, '--from', 'hostA', '--to', 'hostB', '--pid', String(redis.pid)], { timeoutMs: 180_000 });
+  say(`\n$ migrate --lab ${lab.name} --from hostA --to hostB --pid ${redis.pid} --mode precopy`);
+  const migrate = await lab.run('client', [process.execPath, cli, '--lab', lab.name, '--from', 'hostA', '--to', 'hostB', '--pid', String(redis.pid), '--mode', 'precopy'], { timeoutMs: 180_000 });
   process.stdout.write(migrate.stdout + migrate.stderr);
   if (migrate.code !== 0) throw new Error(`migrate exited ${migrate.code}`);
 
