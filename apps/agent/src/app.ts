@@ -364,10 +364,18 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         let out: Awaited<ReturnType<SourceSessionHandle['dump']>>;
         if (precopy) {
           await lock.lock();
+          // A throttled process answers the freeze only when its quota lets it run (up to a cfs
+          // period, 100 ms): give it its full share back right before the final freeze (one write
+          // of the quota), and move it out of our cgroup after.
+          if (session.throttle?.current()) await session.throttle.setPercent(0).catch(() => null);
           session.frozenAt = process.hrtime.bigint();
           session.set('dumping');
           // Freeze, last dirty set, image — one engine call; the throttle is no longer needed.
           const finished = await countOp('precopy-finish', () => precopy.finish(pageDestination));
+          if (finished.timings) {
+            const steps = Object.entries(finished.timings).map(([k, v]) => `${k.replace(/Ns$/, '')} ${(v / 1e6).toFixed(1)}`).join(', ');
+            request.log.info(`migration ${id}: final freeze ${((finished.frozenNs ?? 0) / 1e6).toFixed(1)} ms (${steps} ms)`);
+          }
           session.source = { freeze: async () => finished.freeze!, dump: async () => finished, commit: () => precopy.commit(), abort: () => precopy.abort() };
           session.precopy = null;
           await session.releaseThrottle();

@@ -56,7 +56,7 @@ export interface PrecopyHandle {
   /** The engine's convergence test over the rounds so far. */
   decide(limits: { maxDowntimeMs?: number; maxRounds?: number }): Promise<PrecopyVerdict>;
   /** Freezes the process and sends the last dirty pages; the image as SourceSession.dump returns it. */
-  finish(destination: PageDestination): Promise<{ image: Buffer; dump?: DumpStats; transfer?: TransferStats; freeze?: FreezeReport }>;
+  finish(destination: PageDestination): Promise<{ image: Buffer; dump?: DumpStats; transfer?: TransferStats; freeze?: FreezeReport; frozenNs?: number; timings?: Record<string, number> }>;
   commit(): Promise<void>;
   /** Stops tracking (and thaws, after finish) — the process as it was. */
   abort(): Promise<void>;
@@ -73,7 +73,7 @@ export interface MigrationEngine {
 interface NativePrecopySession {
   round(dest: PageDestination): Promise<native.RoundStats>;
   decide(limits?: { maxDowntimeMs?: number; maxRounds?: number }): Promise<PrecopyVerdict>;
-  finish(dest: PageDestination): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats; freeze: FreezeReport }>;
+  finish(dest: PageDestination): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats; freeze: FreezeReport; frozenNs?: number; timings?: Record<string, number> }>;
   commit(): Promise<void>;
   abort(): Promise<void>;
 }

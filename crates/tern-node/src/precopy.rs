@@ -173,6 +173,8 @@ pub(crate) struct FinalOutcome {
     /// From the final freeze to the end of the final dump (the engine's part of the downtime;
     /// the final stream's STATUS wait comes on top).
     frozen_ns: u64,
+    /// Where the frozen time went (freeze, last scan, stop tracking, dump, stale pages).
+    timings: tern_core::dump::FinishTimings,
     /// The final freeze (threads, how each was stopped).
     freeze: tern_core::ptrace::FreezeReport,
     rounds: Vec<JsRoundStats>,
@@ -368,6 +370,7 @@ fn precopy_finish(Boxed(handle): Boxed<PrecopyHandle>, Json(destination): Json<D
         final_dirty_pages: fin.final_dirty_pages,
         stale_pages: fin.stale_pages,
         frozen_ns: fin.frozen_ns,
+        timings: fin.timings,
         freeze: fin.session.freeze_report().clone(),
         rounds: fin.rounds.iter().map(|r| JsRoundStats::new(r, None)).collect(),
     };

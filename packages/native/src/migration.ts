@@ -332,6 +332,8 @@ export interface PrecopyFinalStats {
   stalePages: number;
   /** From the final freeze to the end of the final dump (ns; the final STATUS wait comes on top). */
   frozenNs: number;
+  /** Where frozenNs went, ns per step. */
+  timings: { freezeNs: number; collectNs: number; dumpNs: number; staleNs: number };
   freeze: FreezeReport;
   rounds: RoundStats[];
 }

@@ -45,7 +45,7 @@ mod session;
 
 pub use pages::page_wanted;
 pub use precopy::{
-    decide, PrecopyError, PrecopyFinal, PrecopyOptions, PrecopySession, RoundStats, Verdict,
+    decide, FinishTimings, PrecopyError, PrecopyFinal, PrecopyOptions, PrecopySession, RoundStats, Verdict,
 };
 pub use session::{SessionError, SourceSession};
 

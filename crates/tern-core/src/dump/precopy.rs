@@ -154,7 +154,42 @@ pub struct PrecopyFinal {
     pub stale_pages: u64,
     /// From the freeze to the end of the final dump (the engine's part of the downtime).
     pub frozen_ns: u64,
+    /// Where `frozen_ns` went.
+    pub timings: FinishTimings,
     pub rounds: Vec<RoundStats>,
+}
+
+/// A tracker whose tracking went to the final SourceSession (nothing left to do here).
+struct Finished;
+
+impl DirtyTracker for Finished {
+    fn kind(&self) -> crate::probe::DirtyTracking {
+        crate::probe::DirtyTracking::None
+    }
+    fn start(&mut self, _: &Tracer) -> Result<RangeSet, DirtyError> {
+        Err(DirtyError::Unavailable)
+    }
+    fn collect(&mut self, _: &Tracer) -> Result<RangeSet, DirtyError> {
+        Err(DirtyError::Unavailable)
+    }
+    fn stop(&mut self, _: &Tracer) -> Result<(), DirtyError> {
+        Ok(())
+    }
+}
+
+/// The steps of the final freeze, each in ns: what the switchover's fixed cost is made of
+/// (removing the dirty tracking is not among them: see SourceSession's `tracking`).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FinishTimings {
+    /// Seize and interrupt every thread.
+    pub freeze_ns: u64,
+    /// The last dirty scan.
+    pub collect_ns: u64,
+    /// Image (inventory, registers, fds) and the final pages streamed.
+    pub dump_ns: u64,
+    /// Pages sent earlier whose VMA has gone since, overwritten.
+    pub stale_ns: u64,
 }
 
 /// Setup figures.
@@ -367,6 +402,7 @@ impl PrecopySession {
         let pid = self.pid;
         let tracer = self.tracer.take().ok_or(PrecopyError::Over { pid })?;
         let t0 = Instant::now();
+        let mut timings = FinishTimings::default();
         let freeze = match tracer.freeze() {
             Ok(f) => f,
             Err(e) => {
@@ -375,12 +411,12 @@ impl PrecopySession {
                 return Err(e.into());
             }
         };
+        timings.freeze_ns = ns(t0);
         // The last dirty set and the end of tracking, inside the freeze.
-        let only = match self
-            .tracker
-            .collect(&tracer)
-            .and_then(|dirty| self.tracker.stop(&tracer).map(|()| dirty))
-        {
+        let step = Instant::now();
+        let collected = self.tracker.collect(&tracer);
+        timings.collect_ns = ns(step);
+        let only = match collected {
             Ok(dirty) => self.pending.union(&dirty),
             Err(e) => {
                 let _ = self.tracker.stop(&tracer);
@@ -389,9 +425,16 @@ impl PrecopySession {
             }
         };
         // From here on the frozen process is a cold session (it parks the SIGSTOP).
-        let session = SourceSession::from_frozen(tracer, freeze)?;
+        // Tracking stays installed into the frozen session: removing it is not part of the
+        // downtime (SourceSession::tracking).
+        let tracking = std::mem::replace(&mut self.tracker, Box::new(Finished));
+        let session = SourceSession::from_frozen(tracer, freeze, tracking)?;
+        let step = Instant::now();
         let out = dump_selected(session.tracer(), sink, Some(&only)).and_then(|(image, stats)| {
+            timings.dump_ns = ns(step);
+            let step = Instant::now();
             let stale = overwrite_stale(pid, &image.mm.vmas, &self.sent, sink)?;
+            timings.stale_ns = ns(step);
             Ok((image, stats, stale))
         });
         match out {
@@ -402,6 +445,7 @@ impl PrecopySession {
                 final_dirty_pages: only.pages(),
                 stale_pages,
                 frozen_ns: ns(t0),
+                timings,
                 rounds: std::mem::take(&mut self.history),
             }),
             Err(e) => {

@@ -17,6 +17,7 @@
 //! SIGCONTs pending at the park are flushed by it and re-sent (with our siginfo) at abort; a
 //! SIGSTOP already pending (or a stopped process) is left alone and protects the same way.
 use super::{dump, DumpError, DumpStats};
+use crate::dirty::DirtyTracker;
 use crate::image::ProcessImage;
 use crate::pages::PageSink;
 use crate::ptrace::{
@@ -43,11 +44,25 @@ pub enum SessionError {
 }
 
 /// The source side of one migration (see the module header).
-#[derive(Debug)]
 pub struct SourceSession {
     tracer: Tracer,
     freeze: FreezeReport,
     park: ParkOutcome,
+    /// Pre-copy's dirty tracking, still installed: removing it walks every tracked page table
+    /// (~25 ms per GiB), so it is not done inside the downtime. abort() removes it before the
+    /// thaw; commit() drops it only after the kill, when the kernel tears it down with the mm.
+    tracking: Option<Box<dyn DirtyTracker>>,
+}
+
+impl std::fmt::Debug for SourceSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceSession")
+            .field("pid", &self.tracer.pid())
+            .field("freeze", &self.freeze)
+            .field("park", &self.park)
+            .field("tracking", &self.tracking.as_ref().map(|t| t.kind()))
+            .finish()
+    }
 }
 
 impl SourceSession {
@@ -67,6 +82,7 @@ impl SourceSession {
             tracer,
             freeze,
             park,
+            tracking: None,
         })
     }
 
@@ -75,12 +91,18 @@ impl SourceSession {
         self.park
     }
 
-    /// Wraps a tracer whose target is already frozen (pre-copy's final freeze) and parks the
-    /// SIGSTOP as [`SourceSession::freeze`] does. If the park fails the process is thawed.
-    pub(crate) fn from_frozen(tracer: Tracer, freeze: FreezeReport) -> Result<SourceSession, SessionError> {
+    /// Wraps a tracer whose target is already frozen (pre-copy's final freeze, with its dirty
+    /// tracking still installed) and parks the SIGSTOP as [`SourceSession::freeze`] does. If the
+    /// park fails, tracking is removed and the process thawed.
+    pub(crate) fn from_frozen(
+        tracer: Tracer,
+        freeze: FreezeReport,
+        mut tracking: Box<dyn DirtyTracker>,
+    ) -> Result<SourceSession, SessionError> {
         let park = match tracer.park_stop() {
             Ok(park) => park,
             Err(e) => {
+                let _ = tracking.stop(&tracer);
                 let _ = tracer.thaw();
                 return Err(e.into());
             }
@@ -89,6 +111,7 @@ impl SourceSession {
             tracer,
             freeze,
             park,
+            tracking: Some(tracking),
         })
     }
 
@@ -115,8 +138,10 @@ impl SourceSession {
 
     /// The destination has the process: kill the original (SIGKILL while frozen) and wait until
     /// it is dead (a zombie for its parent to reap, or gone).
-    pub fn commit(self) -> Result<(), SessionError> {
+    pub fn commit(mut self) -> Result<(), SessionError> {
         let pid = self.tracer.pid();
+        // Dropped only once the process is dead (see `tracking`).
+        let _tracking = self.tracking.take();
         // Connected TCP sockets go into repair mode first: the kill then closes them silently
         // (no FIN/RST reaches the peer, which now talks to the destination). Best effort.
         let _ = crate::files::tcp::silence_process(pid);
@@ -145,7 +170,11 @@ impl SourceSession {
     }
 
     /// The migration is off: thaw the original, which continues exactly as before.
-    pub fn abort(self) -> Result<ThawReport, SessionError> {
+    pub fn abort(mut self) -> Result<ThawReport, SessionError> {
+        if let Some(mut tracking) = self.tracking.take() {
+            // Best effort: closing our end of the tracking (the drop) unregisters what is left.
+            let _ = tracking.stop(&self.tracer);
+        }
         Ok(self.tracer.thaw()?)
     }
 }
