@@ -16,8 +16,12 @@ try {
     return [];
   });
   if (swept.length) app.log.warn(`removed lock tables left by a dead agent: ${swept.join(', ')}`);
-  // Empty throttle cgroups a dead agent left (one still holding a process is left to its owner).
-  await sweepThrottleCgroups().catch(() => {});
+  // Throttle cgroups a dead agent left: a process still in one would stay CPU-throttled for good.
+  // No migration is active in an agent that is just starting, and the processes it can see are
+  // this host's (a cgroup holding only other pid namespaces' processes looks empty and stays), so
+  // each is moved back to the cgroup it came from and the directory removed.
+  const throttles = await sweepThrottleCgroups({ isActive: () => false }).catch(() => null);
+  if (throttles?.removed.length) app.log.warn(`gave back the CPU of processes a dead agent left throttled: ${throttles.removed.join(', ')}`);
   const close = () => {
     void app.close().then(() => process.exit(0));
   };
