@@ -472,6 +472,10 @@ export class CpuThrottle {
     const origin = this.origin;
     if (!dir || !origin) return;
     const alive = (await startTime(this.procRoot, this.pid)) === this.startTime && this.startTime !== null;
+    // Lift the limit before moving anyone out: a thread moved while its group is throttled could
+    // sit unscheduled for a while after the move (seen here: 0 % CPU for ~1 s after a release at
+    // 99 % off). With no quota the kernel unthrottles the group at once.
+    await writeCg(join(dir, this.origin!.version === 1 ? 'cpu.cfs_quota_us' : 'cpu.max'), this.origin!.version === 1 ? '-1' : `max ${this.period}`).catch(() => undefined);
     if (alive) {
       const leaderHome = this.origByTid.get(this.pid) ?? origin.dir;
       const procs = new Set(await readIds(join(dir, 'cgroup.procs')));
