@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tern_core::dump::SourceSession;
 use tern_core::image::ProcessImage;
 use tern_core::pages::PageStore;
@@ -60,30 +60,15 @@ fn spawn(name: &str, mib: u32, threads: u32) -> Fixture {
     f
 }
 
-fn num(s: &HashMap<String, String>, key: &str) -> u64 {
-    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
+use support::num;
 
 impl Fixture {
     fn status(&self) -> HashMap<String, String> {
-        std::fs::read_to_string(&self.status)
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-            .collect()
+        support::read_status(&self.status)
     }
 
     fn wait_for(&self, ok: impl Fn(&HashMap<String, String>) -> bool, what: &str) -> HashMap<String, String> {
-        let start = Instant::now();
-        loop {
-            let s = self.status();
-            assert_eq!(num(&s, "errors"), 0, "fixture reports errors: {s:?}");
-            if ok(&s) {
-                return s;
-            }
-            assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}: {s:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        support::wait_for_status(&self.status, ok, what, Duration::from_secs(20))
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tern_core::dump::SourceSession;
 use tern_core::files::RecreateOptions;
 use tern_core::pages::PageStore;
@@ -41,17 +41,7 @@ struct Workload {
     status: PathBuf,
 }
 
-fn num(s: &HashMap<String, String>, key: &str) -> u64 {
-    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-fn read_status(path: &Path) -> HashMap<String, String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-        .collect()
-}
+use support::{num, read_status};
 
 impl Workload {
     fn spawn(mut cmd: Command, status: PathBuf, ready: impl Fn(&HashMap<String, String>) -> bool) -> Workload {
@@ -68,16 +58,7 @@ impl Workload {
     }
 
     fn wait_for(&self, ok: impl Fn(&HashMap<String, String>) -> bool, what: &str) -> HashMap<String, String> {
-        let start = Instant::now();
-        loop {
-            let s = self.status();
-            assert_eq!(num(&s, "errors"), 0, "the process reports errors: {s:?}");
-            if ok(&s) {
-                return s;
-            }
-            assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}: {s:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        support::wait_for_status(&self.status, ok, what, Duration::from_secs(60))
     }
 }
 

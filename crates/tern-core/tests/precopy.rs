@@ -39,9 +39,7 @@ struct Fixture {
     stdout: Option<BufReader<ChildStdout>>,
 }
 
-fn num(s: &HashMap<String, String>, key: &str) -> u64 {
-    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
+use support::num;
 
 fn spawn_cmd(mut cmd: Command, status: PathBuf, ready: impl Fn(&HashMap<String, String>) -> bool) -> Fixture {
     let _ = std::fs::remove_file(&status);
@@ -70,24 +68,11 @@ impl Fixture {
     }
 
     fn status(&self) -> HashMap<String, String> {
-        std::fs::read_to_string(&self.status)
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-            .collect()
+        support::read_status(&self.status)
     }
 
     fn wait_for(&self, ok: impl Fn(&HashMap<String, String>) -> bool, what: &str) -> HashMap<String, String> {
-        let start = Instant::now();
-        loop {
-            let s = self.status();
-            assert_eq!(num(&s, "errors"), 0, "the process reports errors: {s:?}");
-            if ok(&s) {
-                return s;
-            }
-            assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}: {s:?}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        support::wait_for_status(&self.status, ok, what, Duration::from_secs(30))
     }
 
     /// Sends one command, returns the lines before "done".

@@ -58,11 +58,7 @@ impl Proc {
         Pid::new(self.pid).unwrap()
     }
     fn status(&self) -> HashMap<String, String> {
-        std::fs::read_to_string(&self.status)
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-            .collect()
+        support::read_status(&self.status)
     }
 }
 
@@ -228,9 +224,7 @@ fn workload(name: &str) -> PathBuf {
     bin
 }
 
-fn num(s: &HashMap<String, String>, key: &str) -> u64 {
-    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
+use support::num;
 
 #[test]
 fn memcheck_survives_twenty_freeze_abort_rounds() {

@@ -45,3 +45,38 @@ impl Drop for OwnedProc {
         }
     }
 }
+
+/// A fixture's status file (`key=value` words, rewritten by the fixture; see test/workloads/README).
+pub type Status = std::collections::HashMap<String, String>;
+
+/// Parses `key=value` words (anything else is skipped).
+pub fn parse_status(text: &str) -> Status {
+    text.split_whitespace()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+/// The status file as it is now (empty while it does not exist yet).
+pub fn read_status(path: &std::path::Path) -> Status {
+    parse_status(&std::fs::read_to_string(path).unwrap_or_default())
+}
+
+/// A numeric key, 0 when absent or not a number.
+pub fn num(s: &Status, key: &str) -> u64 {
+    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Polls the status file until `ok`, asserting on every read that the fixture reports no error;
+/// panics naming `what` after `timeout`.
+pub fn wait_for_status(path: &std::path::Path, ok: impl Fn(&Status) -> bool, what: &str, timeout: std::time::Duration) -> Status {
+    let start = std::time::Instant::now();
+    loop {
+        let s = read_status(path);
+        assert_eq!(num(&s, "errors"), 0, "the process reports errors: {s:?}");
+        if ok(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}: {s:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
