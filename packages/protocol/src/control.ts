@@ -153,10 +153,7 @@ export interface SourceResponse {
 }
 
 /** POST /v1/migrations/:id/precopy (source): start dirty tracking; the process keeps running. */
-export interface PrecopyStartRequest {
-  pid: number;
-  destination: PageServerAddress;
-  bandwidthBytesPerSec?: number;
+export interface PrecopyStartRequest extends SourceRequest {
   /** Stop the rounds once the predicted downtime is under this. */
   maxDowntimeMs?: number;
   maxRounds?: number;
@@ -167,8 +164,6 @@ export interface PrecopyStartRequest {
    * as the coordinator measured it on earlier migrations; the engine's own estimate otherwise.
    */
   fixedCostMs?: number;
-  from?: string;
-  to?: string;
 }
 
 export type PrecopyVerdict = 'continue' | 'converged' | 'not-shrinking' | 'round-cap';
@@ -292,6 +287,10 @@ export const prepareResponseSchema = {
   },
 } as const;
 
+/** The pre-copy limits, as the coordinator's API and the source agent both take them. */
+const maxDowntimeMsSchema = { type: 'integer', minimum: 1, maximum: 3600000 } as const;
+const maxRoundsSchema = { type: 'integer', minimum: 1, maximum: 1000 } as const;
+
 export const sourceRequestSchema = {
   type: 'object',
   required: ['pid', 'destination'],
@@ -327,15 +326,11 @@ export const precopyStartRequestSchema = {
   required: ['pid', 'destination'],
   additionalProperties: false,
   properties: {
-    pid: pidSchema,
-    destination: pageServerAddressSchema,
-    bandwidthBytesPerSec: { type: 'integer', minimum: 1 },
-    maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 3600000 },
-    maxRounds: { type: 'integer', minimum: 1, maximum: 1000 },
+    ...sourceRequestSchema.properties,
+    maxDowntimeMs: maxDowntimeMsSchema,
+    maxRounds: maxRoundsSchema,
     autoConverge: { type: 'boolean' },
     fixedCostMs: { type: 'number', minimum: 0, maximum: 600000 },
-    from: hostNameSchema,
-    to: hostNameSchema,
   },
 } as const;
 
@@ -379,9 +374,9 @@ export const createMigrationRequestSchema = {
     to: hostNameSchema,
     pid: pidSchema,
     mode: { type: 'string', enum: [...MIGRATION_MODES] },
-    maxDowntimeMs: { type: 'integer', minimum: 1, maximum: 3600000 },
+    maxDowntimeMs: maxDowntimeMsSchema,
     bandwidth: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
-    maxRounds: { type: 'integer', minimum: 1, maximum: 1000 },
+    maxRounds: maxRoundsSchema,
     autoConverge: { type: 'boolean' },
   },
 } as const;
