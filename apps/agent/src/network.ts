@@ -56,13 +56,14 @@ function hexToAddress(hex: string, v6: boolean): string {
 }
 
 /** Every TCP socket `pid` holds (listening and connected), from its network namespace's tables. */
-export function processTcpSockets(pid: number): TcpSocketEntry[] {
+/** Inodes of the sockets `pid` holds (empty if it is gone). */
+export function socketInodes(pid: number): Set<string> {
   const inodes = new Set<string>();
   let fds: string[] = [];
   try {
     fds = readdirSync(`/proc/${pid}/fd`);
   } catch {
-    return []; // gone: the engine reports that with its own error
+    return inodes; // gone: the engine reports that with its own error
   }
   for (const fd of fds) {
     try {
@@ -72,6 +73,12 @@ export function processTcpSockets(pid: number): TcpSocketEntry[] {
       /* closed meanwhile */
     }
   }
+  return inodes;
+}
+
+export function processTcpSockets(pid: number): TcpSocketEntry[] {
+  const inodes = socketInodes(pid);
+  if (inodes.size === 0) return [];
   const out: TcpSocketEntry[] = [];
   for (const [file, v6] of [['tcp', false], ['tcp6', true]] as const) {
     let text = '';
@@ -385,7 +392,7 @@ export class AddressHandoff {
     if (this.opts.hook) return await this.runHook('release', role, addresses, details);
     for (const text of addresses) {
       const a = parseServiceAddress(text);
-      const dev = this.opts.dev ?? (await addressDevice(a.address));
+      const dev = this.opts.dev ?? (await hostAddresses()).get(canonicalAddress(a.address));
       if (!dev) continue; // not here any more
       await execFileP('ip', [a.address.includes(':') ? '-6' : '-4', 'addr', 'del', formatServiceAddress(a), 'dev', dev]).catch((err: Error) => {
         if (!/Cannot assign|not found|No such/i.test(err.message)) throw new Error(`releasing ${text}: ${err.message.trim()}`);
@@ -431,22 +438,14 @@ export class AddressHandoff {
 }
 
 /** Every address configured on this host (network namespace). */
-async function hostAddresses(): Promise<Set<string>> {
+/** Every address configured on this host (network namespace), canonical, → its device. */
+async function hostAddresses(): Promise<Map<string, string>> {
   const { stdout } = await execFileP('ip', ['-j', 'addr', 'show']);
-  const out = new Set<string>();
-  for (const link of JSON.parse(stdout) as { addr_info?: { local?: string }[] }[]) {
-    for (const a of link.addr_info ?? []) if (a.local) out.add(canonicalAddress(a.local.toLowerCase()));
+  const out = new Map<string, string>();
+  for (const link of JSON.parse(stdout) as { ifname: string; addr_info?: { local?: string }[] }[]) {
+    for (const a of link.addr_info ?? []) if (a.local) out.set(canonicalAddress(a.local), link.ifname);
   }
   return out;
-}
-
-/** The device an address is configured on here, or null. */
-async function addressDevice(address: string): Promise<string | null> {
-  const { stdout } = await execFileP('ip', ['-j', 'addr', 'show']);
-  for (const link of JSON.parse(stdout) as { ifname: string; addr_info?: { local?: string }[] }[]) {
-    if ((link.addr_info ?? []).some((a) => a.local !== undefined && canonicalAddress(a.local) === canonicalAddress(address))) return link.ifname;
-  }
-  return null;
 }
 
 /** The device this host would send to `address` through (its subnet's interface). */

@@ -13,8 +13,8 @@
  * ACKs at once, which says nothing about the data it still has to send again.)
  */
 import { execFile } from 'node:child_process';
-import { readdirSync, readlinkSync } from 'node:fs';
 import { promisify } from 'node:util';
+import { socketInodes } from './network.js';
 
 const execFileP = promisify(execFile);
 
@@ -25,26 +25,6 @@ export interface TcpResumeReport {
   delaysSeconds: number[];
   /** Connections that heard nothing within the watch. */
   idle: number;
-}
-
-/** Socket inodes the process holds. */
-function socketInodes(pid: number): Set<string> {
-  const out = new Set<string>();
-  let fds: string[] = [];
-  try {
-    fds = readdirSync(`/proc/${pid}/fd`);
-  } catch {
-    return out;
-  }
-  for (const fd of fds) {
-    try {
-      const m = /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`));
-      if (m) out.add(m[1]!);
-    } catch {
-      /* closed meanwhile */
-    }
-  }
-  return out;
 }
 
 /** `ss -tinHe state established` → inode → ms since the last data from the peer. */
