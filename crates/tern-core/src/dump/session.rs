@@ -71,19 +71,7 @@ impl SourceSession {
     pub fn freeze(pid: Pid) -> Result<SourceSession, SessionError> {
         let tracer = Tracer::new(pid)?;
         let freeze = tracer.freeze()?;
-        let park = match tracer.park_stop() {
-            Ok(park) => park,
-            Err(e) => {
-                let _ = tracer.thaw();
-                return Err(e.into());
-            }
-        };
-        Ok(SourceSession {
-            tracer,
-            freeze,
-            park,
-            tracking: None,
-        })
+        Self::park(tracer, freeze, None)
     }
 
     /// What protects the frozen source if this process dies (see the module header).
@@ -97,12 +85,24 @@ impl SourceSession {
     pub(crate) fn from_frozen(
         tracer: Tracer,
         freeze: FreezeReport,
-        mut tracking: Box<dyn DirtyTracker>,
+        tracking: Box<dyn DirtyTracker>,
+    ) -> Result<SourceSession, SessionError> {
+        Self::park(tracer, freeze, Some(tracking))
+    }
+
+    /// Parks the SIGSTOP under the ptrace stop of a frozen target; if that fails, removes the
+    /// tracking (if any), thaws the target and returns the error.
+    fn park(
+        tracer: Tracer,
+        freeze: FreezeReport,
+        mut tracking: Option<Box<dyn DirtyTracker>>,
     ) -> Result<SourceSession, SessionError> {
         let park = match tracer.park_stop() {
             Ok(park) => park,
             Err(e) => {
-                let _ = tracking.stop(&tracer);
+                if let Some(t) = tracking.as_mut() {
+                    let _ = t.stop(&tracer);
+                }
                 let _ = tracer.thaw();
                 return Err(e.into());
             }
@@ -111,7 +111,7 @@ impl SourceSession {
             tracer,
             freeze,
             park,
-            tracking: Some(tracking),
+            tracking,
         })
     }
 
