@@ -167,11 +167,11 @@ const tupleKey = (t: TcpTuple) => `${t.localAddress}|${t.localPort}|${t.remoteAd
 /**
  * The network lock of one migration. `lock()` before the freeze installs the table for the
  * process's connections; `extend()` right after the freeze adds the ones accepted or connected
- * between the two (the process is stopped then, so the set is final); `unlock()` removes it.
+ * between the two (the process is stopped then, so the set is final); {@link unlockNetwork}
+ * removes it (by name: also from a later request that does not hold this object).
  */
 export class NetworkLock {
   private readonly locked = new Map<string, TcpTuple>();
-  private installed = false;
 
   constructor(
     readonly migrationId: string,
@@ -182,38 +182,23 @@ export class NetworkLock {
     return lockTableName(this.migrationId);
   }
 
-  /** The tuples dropped so far. */
-  get tuples(): TcpTuple[] {
-    return [...this.locked.values()];
-  }
-
+  /** Drops the process's connections (no connection: no table); returns the tuples locked. */
   async lock(): Promise<TcpTuple[]> {
-    const tuples = processConnections(this.pid);
-    if (tuples.length === 0) return [];
-    await nft(['-f', '-'], lockScript(this.migrationId, tuples));
-    this.installed = true;
-    for (const t of tuples) this.locked.set(tupleKey(t), t);
-    return tuples;
+    return await this.extend();
   }
 
-  /** Adds the connections that appeared since lock(); returns them. */
+  /** Adds the connections that appeared since lock() (the table is made by the first); returns them. */
   async extend(): Promise<TcpTuple[]> {
     const fresh = processConnections(this.pid).filter((t) => !this.locked.has(tupleKey(t)));
     if (fresh.length === 0) return [];
-    if (!this.installed) {
+    if (this.locked.size === 0) {
       await nft(['-f', '-'], lockScript(this.migrationId, fresh));
-      this.installed = true;
     } else {
       const script = fresh.flatMap((t) => [`add rule inet ${this.table} in ${lockRule(t, 'in')}`, `add rule inet ${this.table} out ${lockRule(t, 'out')}`]);
       await nft(['-f', '-'], script.join('\n') + '\n');
     }
     for (const t of fresh) this.locked.set(tupleKey(t), t);
     return fresh;
-  }
-
-  async unlock(): Promise<void> {
-    await unlockNetwork(this.migrationId);
-    this.installed = false;
   }
 }
 
@@ -242,11 +227,6 @@ export async function guardRestore(migrationId: string, addresses: string[]): Pr
 
 export async function unguardRestore(migrationId: string): Promise<void> {
   await unlockNetwork(`${migrationId}-dst`);
-}
-
-/** Installs the lock for `pid`'s connections; returns the tuples locked (none: no table is made). */
-export async function lockNetwork(migrationId: string, pid: number): Promise<TcpTuple[]> {
-  return await new NetworkLock(migrationId, pid).lock();
 }
 
 /** Removes the migration's table if it exists. Never throws for a missing table. */
