@@ -5,7 +5,13 @@
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
 pub const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// A page-cache (not anonymous) page: pagemap's PM_FILE. The kernel only computes it when a mask
+/// asks for it.
+pub const PAGE_IS_FILE: u64 = 1 << 2;
 pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// Any non-present, non-empty pte: a swap entry, and also a uffd-wp marker (what the uffd-wp
+/// tracker leaves in empty ptes) or a guard marker. pagemap's PM_SWAP says the same of those.
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 

@@ -13,7 +13,7 @@ use tern_core::dirty::{DirtyTracker, RangeSet, SoftDirtyTracker, UffdWpTracker};
 use tern_core::dump::{decide, PrecopyOptions, PrecopySession, Verdict};
 use tern_core::files::RecreateOptions;
 use tern_core::image::ProcessImage;
-use tern_core::pages::PageStore;
+use tern_core::pages::{PageRef, PageStore};
 use tern_core::probe::probe_kernel;
 use tern_core::ptrace::Tracer;
 use tern_core::restore;
@@ -233,6 +233,15 @@ fn precopy_migrate(raw_pid: i32, opts: PrecopyOptions) -> (Verdict, u64) {
         "final ({verdict:?}): {} dirty pages, {} data + {} zero sent, {} stale overwritten, frozen {:.1} ms",
         fin.final_dirty_pages, fin.stats.data_pages, fin.stats.zero_pages, fin.stale_pages, fin.frozen_ns as f64 / 1e6
     );
+    let t = fin.timings;
+    eprintln!(
+        "FinishTimings: freeze {:.2} ms, collect {:.2} ms, dump {:.2} ms (pages {:.2} ms), stale {:.2} ms",
+        t.freeze_ns as f64 / 1e6,
+        t.collect_ns as f64 / 1e6,
+        t.dump_ns as f64 / 1e6,
+        fin.stats.pages_elapsed_ns as f64 / 1e6,
+        t.stale_ns as f64 / 1e6
+    );
     let frozen = fin.frozen_ns;
     let image = ProcessImage::from_msgpack(&fin.image.to_msgpack().unwrap()).unwrap();
     fin.session.commit().unwrap();
@@ -288,6 +297,105 @@ fn memcheck_precopy_keeps_verifying() {
     let s = f.wait_for(
         |s| num(s, "tick") > num(&before, "tick") + 150 && num(s, "sweeps") > num(&before, "sweeps") + 1,
         "memcheck to sweep its memory after restore",
+    );
+    assert_eq!(num(&s, "errors"), 0, "{s:?}");
+}
+
+fn stale_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| support::build_fixture("precopy/stale.c", "precopy-stale"))
+}
+
+#[test]
+fn pages_gone_since_a_round_are_overwritten_at_the_destination() {
+    // Pages a round sent whose content then goes away (tests/precopy/stale.c): the final freeze's
+    // stale scan must overwrite them in the store. "a": read-only anonymous memory (never tracked)
+    // dropped: zeros, found only by the scan (neither present nor swapped). "f": a COW copy of a
+    // private file page dropped while write-protected: the tracker leaves a uffd-wp marker that
+    // pagemap calls "swapped" and never reports written: the file's content, found only by the
+    // scan's file test. "g": the same, read back at once (a page-cache page again). "d": writable
+    // anonymous memory dropped: zeros, through the dirty set.
+    let dir = tmp();
+    let file = dir.join("stale-file");
+    let content: Vec<u8> = (0..16u8).flat_map(|i| [0x40 + i; PAGE as usize]).collect();
+    std::fs::write(&file, &content).unwrap();
+    let status = dir.join(format!("stale-{}.status", std::process::id()));
+    let mut cmd = Command::new(stale_bin());
+    cmd.arg(&status).arg(&file);
+    let mut f = spawn_cmd(cmd, status, |s| num(s, "tick") >= 5);
+    let s = f.status();
+    let (rw, ro, map) = (num(&s, "rw"), num(&s, "ro"), num(&s, "file"));
+    let mut session = PrecopySession::start(f.pid(), None).unwrap();
+    let mut store = PageStore::new();
+    session.round(&mut store, |_| Ok(())).unwrap();
+    // Before a round, and after the last one.
+    for cmd in ["a 3", "f 2", "g 4", "d 1"] {
+        f.command(cmd);
+    }
+    session.round(&mut store, |_| Ok(())).unwrap();
+    for cmd in ["a 7", "a 8", "f 6", "g 8", "d 5"] {
+        f.command(cmd);
+    }
+    let fin = session.finish(&mut store).unwrap();
+    eprintln!("stale: {} stale pages overwritten, {} final dirty pages", fin.stale_pages, fin.final_dirty_pages);
+    let held = |addr: u64| match store.get(addr) {
+        Some(PageRef::Zero) => "a zero marker",
+        Some(PageRef::Data(_)) => "data",
+        None => "nothing",
+    };
+    for i in [3, 7, 8] {
+        assert_eq!(held(ro + i * PAGE), "a zero marker", "read-only anonymous page {i}");
+    }
+    for i in [1, 5] {
+        assert_eq!(held(rw + i * PAGE), "a zero marker", "writable anonymous page {i}");
+    }
+    for i in [2u64, 4, 6, 8] {
+        let want = &content[(i * PAGE) as usize..((i + 1) * PAGE) as usize];
+        let ok = matches!(store.get(map + i * PAGE), Some(PageRef::Data(d)) if d == want);
+        assert!(ok, "file page {i}: the file's content, not the COW copy (store holds {})", held(map + i * PAGE));
+    }
+    // Untouched pages keep what the rounds sent (no over-eager scan).
+    assert_eq!((held(ro), held(rw), held(map)), ("data", "data", "data"));
+    assert!(fin.stale_pages >= 7, "3 read-only anonymous pages and 4 file pages at least: {}", fin.stale_pages);
+    let image = ProcessImage::from_msgpack(&fin.image.to_msgpack().unwrap()).unwrap();
+    fin.session.commit().unwrap();
+    // SAFETY: reaping our own child by pid.
+    unsafe { libc::waitpid(f.proc.pid, std::ptr::null_mut(), 0) };
+    let restored = restore::restore_with_files(&image, &store, &RecreateOptions::default()).unwrap();
+    assert_eq!(restored.pid.as_raw(), f.proc.pid);
+    // From now on the copy checks every page, the dropped ones included.
+    // SAFETY: a signal to the process this test restored.
+    assert_eq!(unsafe { libc::kill(f.proc.pid, libc::SIGUSR1) }, 0);
+    let checks = num(&f.status(), "full_checks");
+    f.wait_for(|s| num(s, "full_checks") > checks + 5, "the restored copy to check every page");
+}
+
+/// memcheck with `--write-rate` (a writer thread and a verifier thread, plus the blocked workers).
+fn memcheck_rate(name: &str, mib: u32, rate_mbps: u32) -> Fixture {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../test/workloads"));
+    let bin = dir.join("bin/memcheck");
+    if !bin.exists() {
+        assert!(Command::new("make").arg("-C").arg(&dir).status().unwrap().success());
+    }
+    let status = tmp().join(format!("{name}.status"));
+    let mut cmd = Command::new(bin);
+    cmd.arg("--status").arg(&status).args(["--mib", &mib.to_string(), "--write-rate", &rate_mbps.to_string()]);
+    spawn_cmd(cmd, status, |s| num(s, "tick") >= 20 && s.get("phase").is_some_and(|p| p == "running"))
+}
+
+#[test]
+fn one_gib_at_a_low_rate_converges_under_100_ms() {
+    // Issue 6's workload: 1 GiB written at 5 MB/s must converge under a 100 ms downtime. Prints
+    // FinishTimings (the source's part of the switchover's fixed cost) for the figures.
+    let f = memcheck_rate(&format!("gib-low-{}", std::process::id()), 1024, 5);
+    let before = f.status();
+    let opts = PrecopyOptions { max_downtime_ns: 100_000_000, max_rounds: 10, ..Default::default() };
+    let (verdict, frozen) = precopy_migrate(f.proc.pid, opts);
+    eprintln!("1 GiB at 5 MB/s: {verdict:?}, frozen {:.1} ms", frozen as f64 / 1e6);
+    assert_eq!(verdict, Verdict::Converged);
+    let s = f.wait_for(
+        |s| num(s, "tick") > num(&before, "tick") + 100 && num(s, "sweeps") > num(&before, "sweeps") + 1,
+        "memcheck to sweep its 1 GiB after restore",
     );
     assert_eq!(num(&s, "errors"), 0, "{s:?}");
 }

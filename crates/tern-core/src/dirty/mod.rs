@@ -51,6 +51,7 @@ mod uffd;
 pub use ranges::RangeSet;
 pub use soft::{soft_dirty_ranges, SoftDirtyTracker};
 pub use uffd::UffdWpTracker;
+pub(crate) use uffd::{pagemap_scan_any, pagemap_scan_matching};
 
 use crate::probe::DirtyTracking;
 use crate::proc::{Vma, VmaKind};

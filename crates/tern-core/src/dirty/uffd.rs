@@ -34,21 +34,53 @@ pub(crate) fn pagemap_scan(
     mask: u64,
     out: &mut RangeSet,
 ) -> Result<u32, Errno> {
+    let query = PmScanArg { flags, category_inverted: inverted, category_mask: mask, return_mask: mask, ..Default::default() };
+    scan_walk(pagemap, start, end, query, out)
+}
+
+/// The pages of `[start, end)` that have ANY of the `anyof` categories (e.g. present or
+/// swapped: the pages holding data), appended to `out`. Read-only: no write-protect change.
+pub(crate) fn pagemap_scan_any(pagemap: i32, start: u64, end: u64, anyof: u64, out: &mut RangeSet) -> Result<u32, Errno> {
+    let query = PmScanArg { category_anyof_mask: anyof, return_mask: anyof, ..Default::default() };
+    scan_walk(pagemap, start, end, query, out)
+}
+
+/// A read-only scan with the kernel's whole category test: a page matches when its categories,
+/// XORed with `inverted`, hold every bit of `mask` and, if `anyof` is not 0, at least one bit of
+/// `anyof` (fs/proc/task_mmu.c, pagemap_scan_is_interesting_page). E.g. the pages holding no
+/// data: `inverted = mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED`.
+pub(crate) fn pagemap_scan_matching(
+    pagemap: i32,
+    start: u64,
+    end: u64,
+    inverted: u64,
+    mask: u64,
+    anyof: u64,
+    out: &mut RangeSet,
+) -> Result<u32, Errno> {
+    let query = PmScanArg {
+        category_inverted: inverted,
+        category_mask: mask,
+        category_anyof_mask: anyof,
+        return_mask: mask | anyof,
+        ..Default::default()
+    };
+    scan_walk(pagemap, start, end, query, out)
+}
+
+/// The walk both scans share; `query` carries the flags and category masks.
+fn scan_walk(pagemap: i32, start: u64, end: u64, query: PmScanArg, out: &mut RangeSet) -> Result<u32, Errno> {
     let mut vec = [PageRegion::default(); SCAN_VEC_LEN];
     let mut calls = 0;
     let mut from = start;
     while from < end {
         let mut arg = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags,
             start: from,
             end,
             vec: vec.as_mut_ptr() as u64,
             vec_len: SCAN_VEC_LEN as u64,
-            category_inverted: inverted,
-            category_mask: mask,
-            return_mask: mask,
-            ..Default::default()
+            ..query
         };
         let n = ioctl_ptr(pagemap, PAGEMAP_SCAN, &mut arg)? as usize;
         calls += 1;

@@ -10,13 +10,14 @@
 //!        │   2. tracer: registers (+xstate, rseq) and each thread's own signal state (real
 //!        │      blocked mask, a dequeued "parked" signal), BEFORE any injection
 //!        │   3. ptrace from the tracer thread: PTRACE_PEEKSIGINFO, per thread and shared
-//!        │   4. remote syscalls: mmap one scratch page in the target, then
+//!        │   4. remote syscalls (on a helper thread, while 5 and 6 run on this one: ~80 ptrace
+//!        │      round trips, the longest part of the image): mmap one scratch page, then
 //!        │        rt_sigaction(sig, NULL, scratch) ×62, getitimer ×3, brk(0),
 //!        │        prctl(PR_GET_DUMPABLE / PDEATHSIG / CHILD_SUBREAPER),
 //!        │        per thread: sigaltstack(NULL, scratch), prctl(PR_GET_TID_ADDRESS, scratch)
 //!        │      read the scratch page back, munmap it (the address space is as before)
 //!        │   5. from outside: prlimit, get_robust_list(tid), /proc/PID/personality,
-//!        │      stat of /proc/PID/exe and /proc/PID/map_files/* (file identities)
+//!        │      stat of /proc/PID/exe and /proc/PID/map_files/* (file identities), fds
 //!        │   6. pages: per VMA, /proc/PID/pagemap in 64 MiB windows; selected pages read with
 //!        │      process_vm_readv in ~4 MiB vectored batches; all-zero pages become markers
 //!        ▼
@@ -76,6 +77,8 @@ pub struct DumpStats {
     pub skipped_pages: u64,
     /// Bytes of page data sent.
     pub bytes: u64,
+    /// Data pages left on the source for the destination to pull ([`PagePolicy::LeaveOnSource`]).
+    pub remote_pages: u64,
     /// Time spent on pages (pagemap, reads, sink).
     pub pages_elapsed_ns: u64,
     /// The whole dump.
@@ -152,7 +155,17 @@ pub fn dump<S: PageSink>(
     tracer: &Tracer,
     sink: &mut S,
 ) -> Result<(ProcessImage, DumpStats), DumpError> {
-    dump_selected(tracer, sink, None)
+    dump_selected(tracer, sink, None, PagePolicy::Send)
+}
+
+/// What the dump does with the data pages of private anonymous memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagePolicy {
+    /// Into the sink, like every other page.
+    Send,
+    /// Left in the frozen process: listed in the image's `mm.remote_pages` for the destination
+    /// to pull (post-copy, and hybrid's final dirty set).
+    LeaveOnSource,
 }
 
 /// [`dump`], sending only the pages inside `only` when given (pre-copy's final dirty set: the
@@ -161,6 +174,7 @@ pub fn dump_selected<S: PageSink>(
     tracer: &Tracer,
     sink: &mut S,
     only: Option<&crate::dirty::RangeSet>,
+    policy: PagePolicy,
 ) -> Result<(ProcessImage, DumpStats), DumpError> {
     let start = Instant::now();
     let pid = tracer.pid();
@@ -199,63 +213,30 @@ pub fn dump_selected<S: PageSink>(
     let (per_thread_pending, shared_pending) =
         without_parked_stop(tracer, per_thread_pending, shared_pending);
 
-    let remote = gather_remote(tracer, &tids)?;
-
-    // From outside.
-    let mut rlimits = Vec::new();
-    for resource in 0..16u32 {
-        let mut old = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 with a null new limit only writes one rlimit64 to `old`.
-        let r = unsafe {
-            libc::prlimit64(
-                pid.as_raw(),
-                resource as libc::__rlimit_resource_t,
-                std::ptr::null(),
-                &mut old,
-            )
-        };
-        Errno::result(r).map_err(|e| DumpError::Io {
-            pid,
-            what: format!("prlimit({resource})"),
-            source: e.into(),
-        })?;
-        rlimits.push(RlimitImage {
-            resource,
-            soft: old.rlim_cur,
-            hard: old.rlim_max,
-        });
-    }
-    let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
-        .ok()
-        .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
-        .unwrap_or(0);
-    let exe = match &inv.exe {
-        Some(path) => Some(
-            FileIdentity::of(path, std::path::Path::new(&format!("/proc/{pid}/exe"))).map_err(
-                |source| DumpError::Io {
-                    pid,
-                    what: "stat of /proc/PID/exe".into(),
-                    source,
-                },
-            )?,
-        ),
-        None => None,
-    };
-
-    let mut vmas = Vec::with_capacity(inv.vmas.len());
-    let mut vdso_hash = 0;
-    for v in &inv.vmas {
-        vmas.push(vma_image(pid, v)?);
-        if v.kind == VmaKind::Vdso {
-            let bytes = tracer
-                .read_memory(v.start, v.len() as usize)
-                .map_err(|source| DumpError::Memory { pid, source })?;
-            vdso_hash = fnv1a(&bytes);
+    // The remote syscalls (some 80 ptrace round trips through the tracer thread, most of the
+    // image's time) run on a helper thread while this one does all that is read from outside,
+    // the final pages included: none of it depends on them, and they change nothing it reads
+    // (their one memory effect is the scratch page, a new mapping outside every VMA the
+    // inventory listed, unmapped before they return; a syscall-stop moves no other state).
+    let (remote, outside) = std::thread::scope(|scope| {
+        let helper = std::thread::Builder::new()
+            .name(format!("dump-remote-{pid}"))
+            .spawn_scoped(scope, || gather_remote(tracer, &tids));
+        match helper {
+            Ok(helper) => {
+                let outside = from_outside(tracer, &inv, &regs, sink, only, policy);
+                let remote = helper.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (remote, outside)
+            }
+            // No thread to be had: one after the other, as it works just as well.
+            Err(_) => {
+                let remote = gather_remote(tracer, &tids);
+                (remote, from_outside(tracer, &inv, &regs, sink, only, policy))
+            }
         }
-    }
+    });
+    let remote = remote?;
+    let Outside { rlimits, personality, exe, vmas, vdso_hash, per_thread, fds, mut stats, remote_pages } = outside?;
 
     let mut threads = Vec::with_capacity(regs.len());
     for (i, r) in regs.iter().enumerate() {
@@ -271,19 +252,15 @@ pub fn dump_selected<S: PageSink>(
             pending.push(SiginfoImage { signal, raw });
         }
         pending.extend(per_thread_pending[i].iter().map(|raw| siginfo(raw)));
-        let (robust_list, robust_list_len) = robust_list(tid).map_err(|e| DumpError::Io {
-            pid,
-            what: format!("get_robust_list({tid})"),
-            source: e.into(),
-        })?;
         let comm = inv
             .threads
             .iter()
             .find(|t| t.tid == tid)
             .map(|t| t.comm.clone())
             .unwrap_or_default();
+        let ThreadOutside { ns_tid, robust_list, robust_list_len } = per_thread[i];
         threads.push(ThreadImage {
-            tid: ns_tid(pid, tid).unwrap_or(r.tid),
+            tid: ns_tid,
             comm,
             regs: RegsImage::from(&fixed),
             in_syscall: r.syscall_nr,
@@ -356,13 +333,8 @@ pub fn dump_selected<S: PageSink>(
         auxv: m.auxv.iter().flat_map(|e| [e.key, e.value]).collect(),
         vdso_hash,
         vmas,
+        remote_pages: remote_pages.iter().collect(),
     };
-
-    let fds = crate::files::dump_fds(pid, &inv).map_err(|source| DumpError::Files { pid, source })?;
-
-    let pages_start = Instant::now();
-    let mut stats = pages::dump_pages(pid, &mm.vmas, sink, only, None)?;
-    stats.pages_elapsed_ns = elapsed_ns(pages_start);
 
     let image = ProcessImage {
         version: IMAGE_VERSION,
@@ -383,6 +355,131 @@ pub fn dump_selected<S: PageSink>(
     };
     stats.elapsed_ns = elapsed_ns(start);
     Ok((image, stats))
+}
+
+/// What the dump reads from outside the target (no injection): see [`from_outside`].
+struct Outside {
+    rlimits: Vec<RlimitImage>,
+    personality: u32,
+    exe: Option<FileIdentity>,
+    vmas: Vec<VmaImage>,
+    vdso_hash: u64,
+    /// In the order of the registers' threads.
+    per_thread: Vec<ThreadOutside>,
+    fds: Vec<crate::image::fd::FdImage>,
+    stats: DumpStats,
+    /// The pages left on the source ([`PagePolicy::LeaveOnSource`]).
+    remote_pages: crate::dirty::RangeSet,
+}
+
+#[derive(Clone, Copy)]
+struct ThreadOutside {
+    /// The tid as the process's own pid namespace sees it.
+    ns_tid: i32,
+    robust_list: u64,
+    robust_list_len: u64,
+}
+
+/// Everything of the image read from outside the frozen target (prlimit, /proc, stolen fds,
+/// get_robust_list) and its pages into `sink`; runs while [`gather_remote`] injects.
+fn from_outside<S: PageSink>(
+    tracer: &Tracer,
+    inv: &proc::ProcessInventory,
+    regs: &[ptrace::ThreadRegisters],
+    sink: &mut S,
+    only: Option<&crate::dirty::RangeSet>,
+    policy: PagePolicy,
+) -> Result<Outside, DumpError> {
+    let pid = tracer.pid();
+    let mut rlimits = Vec::with_capacity(16);
+    for resource in 0..16u32 {
+        let mut old = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit64 with a null new limit only writes one rlimit64 to `old`.
+        let r = unsafe {
+            libc::prlimit64(
+                pid.as_raw(),
+                resource as libc::__rlimit_resource_t,
+                std::ptr::null(),
+                &mut old,
+            )
+        };
+        Errno::result(r).map_err(|e| DumpError::Io {
+            pid,
+            what: format!("prlimit({resource})"),
+            source: e.into(),
+        })?;
+        rlimits.push(RlimitImage {
+            resource,
+            soft: old.rlim_cur,
+            hard: old.rlim_max,
+        });
+    }
+    let personality = std::fs::read_to_string(format!("/proc/{pid}/personality"))
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+        .unwrap_or(0);
+    let exe = match &inv.exe {
+        Some(path) => Some(
+            FileIdentity::of(path, std::path::Path::new(&format!("/proc/{pid}/exe"))).map_err(
+                |source| DumpError::Io {
+                    pid,
+                    what: "stat of /proc/PID/exe".into(),
+                    source,
+                },
+            )?,
+        ),
+        None => None,
+    };
+
+    let mut vmas = Vec::with_capacity(inv.vmas.len());
+    let mut vdso_hash = 0;
+    for v in &inv.vmas {
+        vmas.push(vma_image(pid, v)?);
+        if v.kind == VmaKind::Vdso {
+            let bytes = tracer
+                .read_memory(v.start, v.len() as usize)
+                .map_err(|source| DumpError::Memory { pid, source })?;
+            vdso_hash = fnv1a(&bytes);
+        }
+    }
+
+    // A process whose NSpid has one entry lives in the pid namespace of our /proc: so do its
+    // threads (they share it), and each tid is already the one it knows itself by.
+    let own_namespace = inv.status.ns_pid.len() <= 1;
+    let mut per_thread = Vec::with_capacity(regs.len());
+    for r in regs {
+        let tid = Tid::from_raw(r.tid);
+        let (robust_list, robust_list_len) = robust_list(tid).map_err(|e| DumpError::Io {
+            pid,
+            what: format!("get_robust_list({tid})"),
+            source: e.into(),
+        })?;
+        let ns_tid = if own_namespace { r.tid } else { ns_tid(pid, tid).unwrap_or(r.tid) };
+        per_thread.push(ThreadOutside { ns_tid, robust_list, robust_list_len });
+    }
+
+    let fds = crate::files::dump_fds(pid, inv).map_err(|source| DumpError::Files { pid, source })?;
+
+    let pages_start = Instant::now();
+    let mut remote_pages = crate::dirty::RangeSet::new();
+    let lazy = (policy == PagePolicy::LeaveOnSource).then_some(&mut remote_pages);
+    let mut stats = pages::dump_pages(pid, &vmas, sink, only, None, lazy)?;
+    stats.remote_pages = remote_pages.pages();
+    stats.pages_elapsed_ns = elapsed_ns(pages_start);
+    Ok(Outside {
+        rlimits,
+        personality,
+        exe,
+        vmas,
+        vdso_hash,
+        per_thread,
+        fds,
+        stats,
+        remote_pages,
+    })
 }
 
 /// The registers a thread resumes with in the restored process (pure).
@@ -429,10 +526,16 @@ fn ns_tid(pid: Pid, tid: Tid) -> Option<i32> {
     line.split_whitespace().last()?.parse().ok()
 }
 
+/// The running kernel's release, read once: it cannot change under a running agent.
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+    static RELEASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RELEASE
+        .get_or_init(|| {
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default()
+        })
+        .clone()
 }
 
 fn robust_list(tid: Tid) -> Result<(u64, u64), Errno> {

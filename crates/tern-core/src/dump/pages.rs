@@ -5,6 +5,9 @@ use crate::image::mm::VmaImage;
 use crate::pages::{PageSink, PAGE_SIZE};
 use crate::proc::VmaKind;
 use crate::sys::{Errno, Pid};
+use crate::dirty::pagemap_scan_any;
+use crate::uapi::{PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -64,13 +67,16 @@ pub(crate) struct PassTrack {
 }
 
 /// Sends the wanted pages of `vmas`, only those inside `only` when given. With `track` the
-/// target may be running: a failed read is recorded instead of failing the pass.
+/// target may be running: a failed read is recorded instead of failing the pass. With `lazy`
+/// (post-copy's final dump) the data pages of lazy-candidate VMAs are not read at all: their
+/// ranges go into `lazy` (the destination pulls them from the frozen process later).
 pub(crate) fn dump_pages<S: PageSink>(
     pid: Pid,
     vmas: &[VmaImage],
     sink: &mut S,
     only: Option<&RangeSet>,
     mut track: Option<&mut PassTrack>,
+    mut lazy: Option<&mut RangeSet>,
 ) -> Result<DumpStats, DumpError> {
     let io = |what: &str, source: std::io::Error| DumpError::Io {
         pid,
@@ -94,7 +100,15 @@ pub(crate) fn dump_pages<S: PageSink>(
             Some(set) => set.intersect_range(vma.start, vma.end),
             None => vec![(vma.start, vma.end)],
         };
+        let leave = lazy.is_some() && vma.is_lazy_candidate();
         for (span_start, span_end) in spans {
+        if let Some(out) = lazy.as_deref_mut().filter(|_| leave) {
+            // The pages holding data (present or swapped), without reading a byte. A kernel
+            // without PAGEMAP_SCAN takes the pagemap walk below instead.
+            if pagemap_scan_any(pagemap.as_raw_fd(), span_start, span_end, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, out).is_ok() {
+                continue;
+            }
+        }
         let mut addr = span_start;
         while addr < span_end {
             let n = ((span_end - addr) / PAGE).min(WINDOW_PAGES);
@@ -117,6 +131,11 @@ pub(crate) fn dump_pages<S: PageSink>(
                     continue;
                 }
                 let page_addr = addr + i * PAGE;
+                if let Some(out) = lazy.as_deref_mut().filter(|_| leave) {
+                    out.push(page_addr, page_addr + PAGE);
+                    i += 1;
+                    continue;
+                }
                 match batch.runs.last_mut() {
                     Some(r) if r.addr + r.pages * PAGE == page_addr => r.pages += 1,
                     _ => batch.runs.push(Run {

@@ -136,6 +136,17 @@ impl SourceSession {
         dump(&self.tracer, sink)
     }
 
+    /// [`Self::dump`] with a choice of what happens to private anonymous pages (post-copy
+    /// leaves them here: serve them with [`crate::pages::pull::PageSourceServer`] until the
+    /// destination has them all, then commit).
+    pub fn dump_with<S: PageSink>(
+        &self,
+        sink: &mut S,
+        policy: super::PagePolicy,
+    ) -> Result<(ProcessImage, DumpStats), DumpError> {
+        super::dump_selected(&self.tracer, sink, None, policy)
+    }
+
     /// The destination has the process: kill the original (SIGKILL while frozen) and wait until
     /// it is dead (a zombie for its parent to reap, or gone).
     pub fn commit(mut self) -> Result<(), SessionError> {

@@ -47,6 +47,12 @@ impl VmaImage {
         )
     }
 
+    /// Private anonymous memory (anon, heap, stack): what a lazy restore fills through a
+    /// userfaultfd and post-copy leaves on the source. Both ends decide with this one test.
+    pub fn is_lazy_candidate(&self) -> bool {
+        matches!(self.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack) && self.file.is_none() && !self.is_shared()
+    }
+
     /// Whether the dump reads pages of this VMA at all.
     pub fn has_dumpable_pages(&self) -> bool {
         !self.is_special() && self.kind != VmaKind::FileShared
@@ -75,6 +81,10 @@ pub struct MmImage {
     pub vdso_hash: u64,
     /// Ascending, non-overlapping.
     pub vmas: Vec<VmaImage>,
+    /// Post-copy: data pages of lazy-candidate VMAs that stayed on the source, `[start, end)`
+    /// ranges in address order; the destination pulls them on demand. Empty otherwise.
+    #[serde(default)]
+    pub remote_pages: Vec<(u64, u64)>,
 }
 
 /// 64-bit FNV-1a (vdso fingerprint; not cryptographic, only "same kernel build" evidence).

@@ -22,7 +22,7 @@ pub use thread::ThreadImage;
 use serde::{Deserialize, Serialize};
 
 /// Bumped on any incompatible change of the model; a reader refuses other versions.
-pub const IMAGE_VERSION: u32 = 1;
+pub const IMAGE_VERSION: u32 = 2;
 
 /// A whole frozen process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
