@@ -12,6 +12,7 @@
 //! - [`bench`]: page stream vs plain TCP throughput over loopback.
 
 pub mod bench;
+pub mod pull;
 pub mod sender;
 pub mod server;
 pub mod store;

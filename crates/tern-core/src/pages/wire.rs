@@ -18,14 +18,16 @@
 //!                                                            6 version u16 server's version
 //!  RECORD* ──────────────────────────────────────────────▶   each: 24-byte header + payload
 //!       0  kind           u8   1 DATA, 2 ZERO, 3 END, 6 STATUS (4 REQUEST, 5 RESPONSE:
-//!                              reserved for post-copy, refused on a push stream)
+//!                              post-copy pull only, see below; refused on a push stream)
 //!       1  reserved       u8   0
 //!       2  reserved       u16  0
-//!       4  page_count     u32  DATA 1..=1024 (≤ 4 MiB), ZERO 1..=2^18, END/STATUS 0
+//!       4  page_count     u32  DATA/REQUEST/RESPONSE 1..=1024 (≤ 4 MiB), ZERO 1..=2^18,
+//!                              END/STATUS 0
 //!       8  vaddr          u64  page-aligned; vaddr + page_count*4096 ≤ 2^47; END/STATUS 0
-//!      16  payload_crc    u32  crc32c of the payload (0 for ZERO)
+//!      16  payload_crc    u32  crc32c of the payload (0 for ZERO and REQUEST)
 //!      20  header_crc     u32  crc32c of header bytes 0..20
-//!     payload: DATA page_count*4096 bytes; ZERO none; END 32 bytes; STATUS 32 bytes
+//!     payload: DATA/RESPONSE page_count*4096 bytes; ZERO/REQUEST none; END 32 bytes;
+//!              STATUS 32 bytes
 //!  END ──────────────────────────────────────────────────▶   payload:
 //!       0  data_pages u64 · 8 zero_pages u64 · 16 records u64 (DATA+ZERO) ·
 //!      24  stream_crc u32 · 28 reserved u32 (0)
@@ -37,6 +39,37 @@
 //!                                                            u64 · 24 records u64 (as counted
 //!                                                            by the destination)
 //! ```
+//!
+//! A post-copy PULL connection (see [`super::pull`]) runs the other way round: the destination
+//! connects to the source's page source and asks for pages.
+//!
+//! ```text
+//!  destination (RemotePages)                             source (PageSourceServer)
+//!  HELLO (60 bytes, as above) ──────────────────────────▶
+//!                        ◀──────────────────────────────── HELLO REPLY (8 bytes, as above)
+//!  REQUEST* ─────────────────────────────────────────────▶   kind 4, header only: page_count
+//!                                                            1..=1024, vaddr page-aligned and
+//!                                                            in range, payload_crc 0. May be
+//!                                                            pipelined (sent before earlier
+//!                                                            ones are answered).
+//!                        ◀──────────────────────────────── RESPONSE per REQUEST, in request
+//!                                                            order: kind 5, the same vaddr and
+//!                                                            page_count, payload page_count*4096
+//!                                                            bytes, payload_crc crc32c
+//!                        ◀──────────────────────────────── or STATUS (code ≠ 0) and close: the
+//!                                                            request was refused (malformed,
+//!                                                            NOT_SERVED: outside the pages of
+//!                                                            this migration; SOURCE_READ: the
+//!                                                            source could not read them), or
+//!                                                            the server is shutting down
+//!  close ────────────────────────────────────────────────▶   (no END: a pull connection ends
+//!                                                            when the destination is done)
+//! ```
+//!
+//! A pull connection has no rolling checksum and no END: every RESPONSE is matched against the
+//! REQUEST it answers (same address and count, in order), each header and payload carries its own
+//! crc32c, and nothing is kept from a connection that broke except the responses already
+//! received whole and verified.
 //!
 //! stream_crc is a rolling crc32c: seeded with crc32c(HELLO bytes), then extended by bytes 0..20
 //! of every DATA and ZERO record header in order (END's header excluded; header_crc excluded, see
@@ -368,9 +401,9 @@ pub enum Kind {
     Data = 1,
     Zero = 2,
     End = 3,
-    /// Post-copy: destination asks for pages (reserved).
+    /// Post-copy pull: the destination asks for pages (header only).
     Request = 4,
-    /// Post-copy: answer to a REQUEST (reserved).
+    /// Post-copy pull: the source's answer to one REQUEST (the pages).
     Response = 5,
     /// Destination → source: the outcome of a stream.
     Status = 6,
@@ -446,6 +479,8 @@ pub enum RecordError {
     },
     #[error("ZERO record at {vaddr:#x} carries a payload checksum {crc:#010x} (must be 0)")]
     ZeroWithChecksum { vaddr: u64, crc: u32 },
+    #[error("REQUEST record at {vaddr:#x} carries a payload checksum {crc:#010x} (must be 0)")]
+    RequestWithChecksum { vaddr: u64, crc: u32 },
     #[error("END record's reserved field is {0:#x} (must be 0)")]
     EndReserved(u32),
     #[error(
@@ -474,6 +509,10 @@ pub mod status {
     pub const END_MISMATCH: u32 = 9;
     pub const SHUTTING_DOWN: u32 = 10;
     pub const INTERNAL: u32 = 11;
+    /// Pull: a REQUEST for pages outside the ones this migration's page source serves.
+    pub const NOT_SERVED: u32 = 12;
+    /// Pull: the page source could not read the requested pages of the process.
+    pub const SOURCE_READ: u32 = 13;
 
     pub fn describe(code: u32) -> &'static str {
         match code {
@@ -489,6 +528,8 @@ pub mod status {
             END_MISMATCH => "END totals do not match what the destination received",
             SHUTTING_DOWN => "page server shutting down",
             INTERNAL => "page server internal error",
+            NOT_SERVED => "pages requested outside the ones this page source serves",
+            SOURCE_READ => "the page source could not read the process's memory",
             _ => "unknown status code",
         }
     }
@@ -506,6 +547,7 @@ impl RecordError {
             RecordError::ReservedNonZero { .. }
             | RecordError::NonZeroVaddr { .. }
             | RecordError::ZeroWithChecksum { .. }
+            | RecordError::RequestWithChecksum { .. }
             | RecordError::EndReserved(_) => MALFORMED_HEADER,
             RecordError::PageCount { .. }
             | RecordError::Unaligned { .. }
@@ -557,10 +599,9 @@ impl RecordHeader {
     pub fn validate(&self) -> Result<(), RecordError> {
         let kind = self.kind;
         let (min, max) = match kind {
-            Kind::Data => (1, MAX_DATA_PAGES),
+            Kind::Data | Kind::Request | Kind::Response => (1, MAX_DATA_PAGES),
             Kind::Zero => (1, MAX_ZERO_PAGES),
             Kind::End | Kind::Status => (0, 0),
-            Kind::Request | Kind::Response => return Ok(()),
         };
         if self.page_count < min || self.page_count > max {
             return Err(RecordError::PageCount {
@@ -571,7 +612,7 @@ impl RecordHeader {
             });
         }
         match kind {
-            Kind::Data | Kind::Zero => {
+            Kind::Data | Kind::Zero | Kind::Request | Kind::Response => {
                 if self.vaddr & (PAGE - 1) != 0 {
                     return Err(RecordError::Unaligned {
                         kind,
@@ -592,6 +633,12 @@ impl RecordHeader {
                         crc: self.payload_crc,
                     });
                 }
+                if kind == Kind::Request && self.payload_crc != 0 {
+                    return Err(RecordError::RequestWithChecksum {
+                        vaddr: self.vaddr,
+                        crc: self.payload_crc,
+                    });
+                }
             }
             _ => {
                 if self.vaddr != 0 {
@@ -608,10 +655,10 @@ impl RecordHeader {
     /// Payload bytes that follow this header.
     pub fn payload_len(&self) -> usize {
         match self.kind {
-            Kind::Data => self.page_count as usize * PAGE_SIZE,
+            Kind::Data | Kind::Response => self.page_count as usize * PAGE_SIZE,
             Kind::End => END_LEN,
             Kind::Status => STATUS_LEN,
-            Kind::Zero | Kind::Request | Kind::Response => 0,
+            Kind::Zero | Kind::Request => 0,
         }
     }
 }
@@ -809,6 +856,10 @@ impl<R: Read> RecordReader<R> {
         read_part(&mut self.r, &mut hb, "header", true)?;
         self.wire_bytes += HEADER_LEN as u64;
         let h = RecordHeader::decode(&hb)?;
+        // A push stream carries DATA, ZERO and END only: refuse the rest before looking further.
+        if !matches!(h.kind, Kind::Data | Kind::Zero | Kind::End) {
+            return Err(RecordError::UnexpectedKind(h.kind));
+        }
         h.validate()?;
         let len = h.payload_len();
         match h.kind {
@@ -885,6 +936,199 @@ impl<R: Read> RecordReader<R> {
             vaddr: h.vaddr,
             data: &buf[..],
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Post-copy pull: REQUEST and RESPONSE (see the module header and `super::pull`)
+// ---------------------------------------------------------------------------------------------
+
+/// One validated REQUEST: `page_count` pages (1..=[`MAX_DATA_PAGES`]) from `vaddr`
+/// (page-aligned, inside the user address space).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PageRequest {
+    vaddr: u64,
+    page_count: u32,
+}
+
+impl PageRequest {
+    /// Checks the request as the source will (alignment, count, address range).
+    pub fn new(vaddr: u64, page_count: u32) -> Result<PageRequest, RecordError> {
+        RecordHeader {
+            kind: Kind::Request,
+            page_count,
+            vaddr,
+            payload_crc: 0,
+        }
+        .validate()?;
+        Ok(PageRequest { vaddr, page_count })
+    }
+
+    pub fn vaddr(&self) -> u64 {
+        self.vaddr
+    }
+
+    pub fn page_count(&self) -> u32 {
+        self.page_count
+    }
+
+    /// Bytes of the pages asked for (and of the RESPONSE payload).
+    pub fn len(&self) -> u64 {
+        u64::from(self.page_count) * PAGE
+    }
+
+    /// Never true (a request asks for at least one page); for clippy's `len` convention.
+    pub fn is_empty(&self) -> bool {
+        self.page_count == 0
+    }
+
+    /// One past the last byte asked for.
+    pub fn end(&self) -> u64 {
+        self.vaddr + self.len()
+    }
+
+    /// The 24-byte REQUEST record.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        RecordHeader {
+            kind: Kind::Request,
+            page_count: self.page_count,
+            vaddr: self.vaddr,
+            payload_crc: 0,
+        }
+        .encode()
+    }
+
+    /// The RESPONSE header for `payload` (the pages asked for, `self.len()` bytes).
+    pub fn response_header(&self, payload: &[u8]) -> [u8; HEADER_LEN] {
+        debug_assert_eq!(payload.len() as u64, self.len());
+        RecordHeader {
+            kind: Kind::Response,
+            page_count: self.page_count,
+            vaddr: self.vaddr,
+            payload_crc: crc32c(payload),
+        }
+        .encode()
+    }
+}
+
+/// The source side of a pull connection: the next REQUEST, validated. `Ok(None)` when the
+/// destination closed the connection between records (its normal way to end). Any other kind of
+/// record is refused ([`RecordError::UnexpectedKind`]).
+pub fn read_request(r: &mut impl Read) -> Result<Option<PageRequest>, RecordError> {
+    let mut hb = [0u8; HEADER_LEN];
+    match read_full(r, &mut hb).map_err(RecordError::Io)? {
+        0 => return Ok(None),
+        HEADER_LEN => {}
+        got => {
+            return Err(RecordError::Truncated {
+                part: "header",
+                got,
+                want: HEADER_LEN,
+            })
+        }
+    }
+    let h = RecordHeader::decode(&hb)?;
+    if h.kind != Kind::Request {
+        return Err(RecordError::UnexpectedKind(h.kind));
+    }
+    h.validate()?;
+    Ok(Some(PageRequest {
+        vaddr: h.vaddr,
+        page_count: h.page_count,
+    }))
+}
+
+/// What the source answered on a pull connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// A verified RESPONSE; its pages are in the caller's buffer. The caller still checks that it
+    /// answers the request it sent (address, count, order).
+    Response { vaddr: u64, page_count: u32 },
+    /// A verified STATUS: the source refused and closes the connection.
+    Status(Status),
+}
+
+/// The destination side of a pull connection: the next RESPONSE (payload read into `buf`, which
+/// is resized to exactly the payload; capacity is reused) or STATUS, every byte checked. A
+/// connection that ends, even between records, is an error here: an answer was due.
+pub fn read_reply(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Reply, RecordError> {
+    let mut hb = [0u8; HEADER_LEN];
+    read_part(r, &mut hb, "header", false)?;
+    let h = RecordHeader::decode(&hb)?;
+    match h.kind {
+        Kind::Response | Kind::Status => {}
+        other => return Err(RecordError::UnexpectedKind(other)),
+    }
+    h.validate()?;
+    if h.kind == Kind::Status {
+        let mut p = [0u8; STATUS_LEN];
+        read_part(r, &mut p, "payload", false)?;
+        let actual = crc32c(&p);
+        if actual != h.payload_crc {
+            return Err(RecordError::PayloadChecksum {
+                kind: Kind::Status,
+                vaddr: 0,
+                expected: h.payload_crc,
+                actual,
+            });
+        }
+        return Ok(Reply::Status(Status::decode_payload(&p)));
+    }
+    let len = h.payload_len();
+    if buf.len() != len {
+        // Shrinking is free; growing zeroes only the new tail.
+        buf.resize(len, 0);
+    }
+    let actual = read_payload_crc(r, buf)?;
+    if actual != h.payload_crc {
+        return Err(RecordError::PayloadChecksum {
+            kind: Kind::Response,
+            vaddr: h.vaddr,
+            expected: h.payload_crc,
+            actual,
+        });
+    }
+    Ok(Reply::Response {
+        vaddr: h.vaddr,
+        page_count: h.page_count,
+    })
+}
+
+/// Fills `buf` from `r`, checksumming each piece as it arrives (still in cache).
+fn read_payload_crc(r: &mut impl Read, buf: &mut [u8]) -> Result<u32, RecordError> {
+    let (mut got, mut crc) = (0, 0);
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => {
+                return Err(RecordError::Truncated {
+                    part: "payload",
+                    got,
+                    want: buf.len(),
+                })
+            }
+            Ok(n) => {
+                crc = crc32c_append(crc, &buf[got..got + n]);
+                got += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(RecordError::Io(e)),
+        }
+    }
+    Ok(crc)
+}
+
+impl Status {
+    /// Decodes a STATUS payload whose checksum was verified.
+    pub fn decode_payload(p: &[u8; STATUS_LEN]) -> Status {
+        Status {
+            code: u32::from_le_bytes(p[0..4].try_into().expect("4")),
+            totals: EndTotals {
+                stream_crc: u32::from_le_bytes(p[4..8].try_into().expect("4")),
+                data_pages: u64::from_le_bytes(p[8..16].try_into().expect("8")),
+                zero_pages: u64::from_le_bytes(p[16..24].try_into().expect("8")),
+                records: u64::from_le_bytes(p[24..32].try_into().expect("8")),
+            },
+        }
     }
 }
 
@@ -1276,5 +1520,142 @@ mod tests {
         // Every error has a status code and a message naming the problem.
         assert_eq!(err.status_code(), status::MALFORMED_HEADER);
         assert!(err.to_string().contains("END"));
+    }
+
+    // --- pull: REQUEST / RESPONSE ---------------------------------------------------------
+
+    fn response(vaddr: u64, payload: &[u8]) -> Vec<u8> {
+        let req = PageRequest::new(vaddr, (payload.len() / PAGE_SIZE) as u32).unwrap();
+        [&req.response_header(payload)[..], payload].concat()
+    }
+
+    /// A header with an arbitrary (possibly invalid) content and a correct header checksum.
+    fn raw_header(kind: u8, page_count: u32, vaddr: u64, payload_crc: u32) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0] = kind;
+        b[4..8].copy_from_slice(&page_count.to_le_bytes());
+        b[8..16].copy_from_slice(&vaddr.to_le_bytes());
+        b[16..20].copy_from_slice(&payload_crc.to_le_bytes());
+        let hc = crc32c(&b[..20]);
+        b[20..24].copy_from_slice(&hc.to_le_bytes());
+        b
+    }
+
+    fn request_err(b: &[u8]) -> RecordError {
+        read_request(&mut Cursor::new(b)).expect_err("must be refused")
+    }
+
+    #[test]
+    fn pull_request_roundtrip() {
+        let r = PageRequest::new(0x7f00_0000_0000, 3).unwrap();
+        assert_eq!((r.vaddr(), r.page_count(), r.len(), r.end()), (0x7f00_0000_0000, 3, 3 * PAGE, 0x7f00_0000_3000));
+        let b = r.encode();
+        assert_eq!(b[0], Kind::Request as u8);
+        assert_eq!(&b[16..20], &[0; 4], "payload_crc 0");
+        let mut two = b.to_vec();
+        two.extend_from_slice(&PageRequest::new(0x1000, MAX_DATA_PAGES).unwrap().encode());
+        let mut c = Cursor::new(&two[..]);
+        assert_eq!(read_request(&mut c).unwrap(), Some(r));
+        assert_eq!(read_request(&mut c).unwrap().unwrap().page_count(), MAX_DATA_PAGES);
+        // The destination closed between records: the normal end.
+        assert_eq!(read_request(&mut c).unwrap(), None);
+        // The last page of the user address space is fine.
+        assert!(PageRequest::new(USER_ADDR_LIMIT - PAGE, 1).is_ok());
+    }
+
+    #[test]
+    fn pull_malformed_requests_are_refused() {
+        let k = Kind::Request as u8;
+        // Constructor and decoder agree.
+        for (vaddr, count) in [(0x1001, 1), (0x1000, 0), (0x1000, MAX_DATA_PAGES + 1), (USER_ADDR_LIMIT, 1), (!0xfff, 2)] {
+            assert!(PageRequest::new(vaddr, count).is_err(), "{vaddr:#x} {count}");
+            assert!(read_request(&mut Cursor::new(&raw_header(k, count, vaddr, 0)[..])).is_err());
+        }
+        let e = request_err(&raw_header(k, 1, 0x1001, 0));
+        assert!(matches!(e, RecordError::Unaligned { kind: Kind::Request, vaddr: 0x1001 }), "{e}");
+        let e = request_err(&raw_header(k, 0, 0x1000, 0));
+        assert!(matches!(e, RecordError::PageCount { kind: Kind::Request, count: 0, .. }), "{e}");
+        let e = request_err(&raw_header(k, MAX_DATA_PAGES + 1, 0x1000, 0));
+        assert!(matches!(e, RecordError::PageCount { count: 1025, max: 1024, .. }), "{e}");
+        let e = request_err(&raw_header(k, 2, USER_ADDR_LIMIT - PAGE, 0));
+        assert!(matches!(e, RecordError::OutOfRange { kind: Kind::Request, .. }), "{e}");
+        assert_eq!(e.status_code(), status::BAD_RANGE);
+        let e = request_err(&raw_header(k, 1, 0x1000, 5));
+        assert!(matches!(e, RecordError::RequestWithChecksum { vaddr: 0x1000, crc: 5 }), "{e}");
+        assert_eq!(e.status_code(), status::MALFORMED_HEADER);
+        let mut flipped = PageRequest::new(0x1000, 1).unwrap().encode();
+        flipped[9] ^= 1;
+        assert!(matches!(request_err(&flipped), RecordError::HeaderChecksum { .. }));
+        let e = request_err(&PageRequest::new(0x1000, 1).unwrap().encode()[..10]);
+        assert!(matches!(e, RecordError::Truncated { part: "header", got: 10, .. }), "{e}");
+        // Only REQUESTs on the source's side of a pull connection.
+        let e = request_err(&raw_header(Kind::Data as u8, 1, 0x1000, 0));
+        assert!(matches!(e, RecordError::UnexpectedKind(Kind::Data)), "{e}");
+        let e = request_err(&response(0x1000, &[1u8; PAGE_SIZE]));
+        assert!(matches!(e, RecordError::UnexpectedKind(Kind::Response)), "{e}");
+    }
+
+    #[test]
+    fn pull_response_roundtrip_and_refusals() {
+        let payload = crate::pages::bench::patterned(3 * PAGE_SIZE, 4);
+        let mut bytes = response(0x5000, &payload);
+        let st = Status {
+            code: status::NOT_SERVED,
+            totals: EndTotals::default(),
+        };
+        bytes.extend_from_slice(&st.encode_record());
+        let mut c = Cursor::new(&bytes[..]);
+        let mut buf = vec![9u8; 10 * PAGE_SIZE];
+        assert_eq!(read_reply(&mut c, &mut buf).unwrap(), Reply::Response { vaddr: 0x5000, page_count: 3 });
+        assert_eq!(buf, payload);
+        assert_eq!(read_reply(&mut c, &mut buf).unwrap(), Reply::Status(st));
+        // The connection ended where an answer was due.
+        let e = read_reply(&mut c, &mut buf).unwrap_err();
+        assert!(matches!(e, RecordError::Truncated { part: "header", got: 0, .. }), "{e}");
+
+        let reply_err = |b: &[u8]| read_reply(&mut Cursor::new(b), &mut Vec::new()).unwrap_err();
+        // A flipped payload bit.
+        let mut bad = response(0x5000, &payload);
+        bad[HEADER_LEN + 4000] ^= 4;
+        let e = reply_err(&bad);
+        assert!(matches!(e, RecordError::PayloadChecksum { kind: Kind::Response, vaddr: 0x5000, .. }), "{e}");
+        // A flipped header bit.
+        let mut bad = response(0x5000, &payload);
+        bad[5] ^= 1;
+        assert!(matches!(reply_err(&bad), RecordError::HeaderChecksum { .. }));
+        // Truncated payload.
+        let bad = response(0x5000, &payload);
+        let e = reply_err(&bad[..HEADER_LEN + PAGE_SIZE]);
+        assert!(matches!(e, RecordError::Truncated { part: "payload", got: 4096, want: 12288 }), "{e}");
+        // Malformed headers (correct header checksums).
+        let k = Kind::Response as u8;
+        let e = reply_err(&raw_header(k, 1, 0x5001, 0));
+        assert!(matches!(e, RecordError::Unaligned { kind: Kind::Response, .. }), "{e}");
+        let e = reply_err(&raw_header(k, 0, 0x5000, 0));
+        assert!(matches!(e, RecordError::PageCount { kind: Kind::Response, count: 0, .. }), "{e}");
+        let e = reply_err(&raw_header(k, MAX_DATA_PAGES + 1, 0x5000, 0));
+        assert!(matches!(e, RecordError::PageCount { kind: Kind::Response, .. }), "{e}");
+        let e = reply_err(&raw_header(k, 1, USER_ADDR_LIMIT, 0));
+        assert!(matches!(e, RecordError::OutOfRange { kind: Kind::Response, .. }), "{e}");
+        // Other kinds are not answers.
+        for kind in [Kind::Request, Kind::Data, Kind::Zero, Kind::End] {
+            let e = reply_err(&raw_header(kind as u8, 1, 0x5000, 0));
+            assert!(matches!(e, RecordError::UnexpectedKind(k) if k == kind), "{e}");
+        }
+        // A STATUS with a damaged payload.
+        let mut bad = st.encode_record().to_vec();
+        bad[HEADER_LEN] ^= 1;
+        assert!(matches!(reply_err(&bad), RecordError::PayloadChecksum { kind: Kind::Status, .. }));
+    }
+
+    /// A push stream still refuses the pull kinds, well-formed or not.
+    #[test]
+    fn push_stream_refuses_pull_records() {
+        let page = vec![1u8; PAGE_SIZE];
+        let e = broken(|e| e.raw(hdr(Kind::Response, 1, 0x1000, crc32c(&page)), &page), |_| {});
+        assert!(matches!(e, RecordError::UnexpectedKind(Kind::Response)), "{e}");
+        let e = broken(|e| e.raw(hdr(Kind::Request, 0, 0x1001, 9), &[]), |_| {});
+        assert!(matches!(e, RecordError::UnexpectedKind(Kind::Request)), "{e}");
+        assert_eq!(e.status_code(), status::UNEXPECTED_KIND);
     }
 }

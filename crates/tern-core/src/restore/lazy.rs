@@ -89,15 +89,65 @@ pub const LAZY_FEATURES: u64 =
 // The page source
 // ---------------------------------------------------------------------------------------------
 
-/// Where lazy pages come from: the local [`PageStore`] now, the source host (post-copy) later.
+/// Where lazy pages come from: the local [`PageStore`] (a cold or pre-copy migration's pages,
+/// already here), or the source host (post-copy: [`crate::pages::pull::RemotePages`]), or both
+/// layered (hybrid: [`Layered`]).
 pub trait LazySource: Send + Sync {
     /// The data runs held in `[start, end)`, as `(address, bytes)`, address order. Zero pages
     /// and holes are not listed: a fault there is answered with UFFDIO_ZEROPAGE.
     fn data_extents(&self, start: u64, end: u64) -> Vec<(u64, u64)>;
 
     /// Calls `f` once with the data at `addr`: the longest prefix, at most `max_len` bytes, that
-    /// the source holds contiguously. False (and `f` not called) when it holds no data there.
-    fn with_data(&self, addr: u64, max_len: u64, f: &mut dyn FnMut(&[u8])) -> bool;
+    /// the source holds contiguously. Ok(false) (and `f` not called) when it holds no data there.
+    /// A remote source blocks here until the data arrives (the faulting thread waits; never a
+    /// silent zero page); Err means the data can never be had (the source is gone for good).
+    fn with_data(&self, addr: u64, max_len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool, LazySourceError>;
+
+    /// Where the background fill should copy next (a remote source prefers what has arrived).
+    fn next_ready(&self) -> Ready {
+        Ready::Anywhere
+    }
+
+    /// The lazy thread served a fault at `addr` (a remote source moves its prefetch there).
+    fn faulted(&self, _addr: u64) {}
+
+    /// The background fill is done with the range [`Ready::At`] offered (copied, or no longer
+    /// pending): a remote source frees it.
+    fn consumed(&self, _addr: u64, _len: u64) {}
+
+    /// The state of the connection to a remote source (None for local pages).
+    fn remote_stats(&self) -> Option<crate::pages::pull::RemoteStats> {
+        None
+    }
+
+    /// A live view of [`Self::remote_stats`] that does not keep the source alive: the lazy
+    /// thread may be blocked inside `with_data` (the connection is down) when someone asks.
+    fn remote_probe(&self) -> Option<RemoteProbe> {
+        None
+    }
+}
+
+/// See [`LazySource::remote_probe`].
+pub type RemoteProbe = Arc<dyn Fn() -> crate::pages::pull::RemoteStats + Send + Sync>;
+
+/// Where [`LazySource::next_ready`] says the background fill should go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// Any pending page is as cheap as another: continue in address order.
+    Anywhere,
+    /// Data for `[addr, addr + len)` (source addresses) is at hand: copy the pending pages of it,
+    /// then call [`LazySource::consumed`].
+    At { addr: u64, len: u64 },
+    /// Nothing at hand yet (a remote source's prefetch is in flight): serve faults, come back.
+    Wait,
+}
+
+/// A lazy source cannot deliver, ever.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("lazy pages at {addr:#x}: {detail}")]
+pub struct LazySourceError {
+    pub addr: u64,
+    pub detail: String,
 }
 
 impl LazySource for PageStore {
@@ -110,14 +160,73 @@ impl LazySource for PageStore {
             .collect()
     }
 
-    fn with_data(&self, addr: u64, max_len: u64, f: &mut dyn FnMut(&[u8])) -> bool {
+    fn with_data(&self, addr: u64, max_len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool, LazySourceError> {
         match self.range(addr, addr.saturating_add(max_len)).next() {
             Some((a, PageRun::Data(d))) if a == addr => {
                 f(d);
-                true
+                Ok(true)
             }
-            _ => false,
+            _ => Ok(false),
         }
+    }
+}
+
+/// Hybrid migration's pages: the pre-copy rounds' pages here in `local`, the final dirty set
+/// (`remote_extents`) still on the source. A page in `remote_extents` comes from `remote` even
+/// when `local` holds an older copy of it.
+pub struct Layered {
+    pub local: Arc<PageStore>,
+    pub remote: Arc<dyn LazySource>,
+    pub remote_extents: crate::dirty::RangeSet,
+}
+
+impl std::fmt::Debug for Layered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layered").field("remote_pages", &self.remote_extents.pages()).finish_non_exhaustive()
+    }
+}
+
+impl LazySource for Layered {
+    fn data_extents(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut set = crate::dirty::RangeSet::new();
+        for (a, len) in self.local.data_extents(start, end) {
+            set.push(a, a + len);
+        }
+        for (a, e) in self.remote_extents.intersect_range(start, end) {
+            set.push(a, e);
+        }
+        set.iter().map(|(a, e)| (a, e - a)).collect()
+    }
+
+    fn with_data(&self, addr: u64, max_len: u64, f: &mut dyn FnMut(&[u8])) -> Result<bool, LazySourceError> {
+        let end = addr.saturating_add(max_len);
+        let remote = self.remote_extents.intersect_range(addr, end);
+        match remote.first() {
+            Some(&(s, e)) if s == addr => self.remote.with_data(addr, e - addr, f),
+            // Local pages up to the next remote one.
+            Some(&(s, _)) => self.local.with_data(addr, s - addr, f),
+            None => self.local.with_data(addr, max_len, f),
+        }
+    }
+
+    fn next_ready(&self) -> Ready {
+        self.remote.next_ready()
+    }
+
+    fn faulted(&self, addr: u64) {
+        self.remote.faulted(addr);
+    }
+
+    fn consumed(&self, addr: u64, len: u64) {
+        self.remote.consumed(addr, len);
+    }
+
+    fn remote_stats(&self) -> Option<crate::pages::pull::RemoteStats> {
+        self.remote.remote_stats()
+    }
+
+    fn remote_probe(&self) -> Option<RemoteProbe> {
+        self.remote.remote_probe()
     }
 }
 
@@ -412,6 +521,8 @@ pub struct LazyStats {
     pub elapsed_ns: u64,
     /// Time from the start to every page home.
     pub home_ns: Option<u64>,
+    /// The connection to the source host, when pages come from there (post-copy, hybrid).
+    pub remote: Option<crate::pages::pull::RemoteStats>,
 }
 
 /// Waiting for homing failed.
@@ -443,13 +554,22 @@ const MAX_SAMPLES: usize = 1 << 16;
 struct Progress {
     stats: LazyStats,
     samples: Vec<u64>,
+    /// How many of `samples` [`LazyHandle::take_fault_samples`] has handed out.
+    taken: usize,
 }
 
-#[derive(Debug)]
 struct Shared {
     progress: Mutex<Progress>,
     done: Condvar,
     started: Instant,
+    /// A remote source's live figures, read while the fill runs (see [`LazySource::remote_probe`]).
+    probe: Option<RemoteProbe>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("started", &self.started).field("remote", &self.probe.is_some()).finish_non_exhaustive()
+    }
 }
 
 /// The running lazy fill of one restored process. Dropping it detaches the thread, which still
@@ -490,6 +610,15 @@ impl LazyHandle {
         }
     }
 
+    /// Fault service times (ns) recorded since the last call, oldest first (for a histogram;
+    /// at most the first 65536 faults of a restore are sampled).
+    pub fn take_fault_samples(&self) -> Vec<u64> {
+        let mut p = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let from = p.taken.min(p.samples.len());
+        p.taken = p.samples.len();
+        p.samples[from..].to_vec()
+    }
+
     /// True once the thread has ended.
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
@@ -507,7 +636,8 @@ impl Drop for LazyHandle {
     }
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+/// The `p` quantile (0..=1) of an ascending slice, 0 when empty.
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -523,6 +653,13 @@ fn snapshot(p: &Progress, shared: &Shared) -> LazyStats {
     s.fault_p99_ns = percentile(&sorted, 0.99);
     s.fault_max_ns = sorted.last().copied().unwrap_or(0);
     s.elapsed_ns = s.home_ns.unwrap_or_else(|| shared.started.elapsed().as_nanos() as u64);
+    if s.state == LazyState::Running {
+        // Live, not as last published: the lazy thread publishes between messages, and it may
+        // be waiting for the source right now.
+        if let Some(probe) = &shared.probe {
+            s.remote = Some(probe());
+        }
+    }
     s
 }
 
@@ -532,11 +669,7 @@ fn snapshot(p: &Progress, shared: &Shared) -> LazyStats {
 
 /// Which VMA ranges are lazy: private anonymous ones with data pages in `source`.
 pub(crate) fn is_lazy_vma(v: &crate::image::mm::VmaImage, source: &dyn LazySource) -> bool {
-    use crate::proc::VmaKind;
-    matches!(v.kind, VmaKind::Anon | VmaKind::Heap | VmaKind::Stack)
-        && v.file.is_none()
-        && !v.is_shared()
-        && !source.data_extents(v.start, v.end).is_empty()
+    v.is_lazy_candidate() && !source.data_extents(v.start, v.end).is_empty()
 }
 
 /// Takes the target's userfaultfd `target_fd` (the caller closes it in the target afterwards)
@@ -597,11 +730,14 @@ pub(crate) fn start(
                 fault_max_ns: 0,
                 elapsed_ns: 0,
                 home_ns: None,
+                remote: source.remote_stats(),
             },
             samples: Vec::new(),
+            taken: 0,
         }),
         done: Condvar::new(),
         started: Instant::now(),
+        probe: source.remote_probe(),
     });
     let server = Server {
         pid,
@@ -687,17 +823,27 @@ enum Filled {
 impl Server {
     fn run(mut self) {
         let state = self.serve();
-        let mut p = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
-        self.publish_into(&mut p);
-        if state == LazyState::Homed {
-            p.stats.home_ns = Some(self.shared.started.elapsed().as_nanos() as u64);
+        let home_ns = (state == LazyState::Homed).then(|| self.shared.started.elapsed().as_nanos() as u64);
+        {
+            let mut p = self.shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+            self.publish_into(&mut p);
         }
+        // Unregistering happened in serve(). Every uffd is closed and the source dropped (a
+        // remote one closes its connections) BEFORE anyone hears it is over: whoever waits for
+        // "homed" may kill the source process next.
+        let Server { spaces, source, shared, .. } = self;
+        drop(spaces);
+        drop(source);
+        let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(remote) = p.stats.remote.as_mut() {
+            if remote.state != crate::pages::pull::RemoteState::Failed {
+                remote.state = crate::pages::pull::RemoteState::Closed;
+            }
+        }
+        p.stats.home_ns = home_ns;
         p.stats.state = state;
         drop(p);
-        self.shared.done.notify_all();
-        // Unregistering happened in serve(); closing every uffd and dropping the source here.
-        drop(self.spaces);
-        drop(self.source);
+        shared.done.notify_all();
     }
 
     fn publish_into(&self, p: &mut Progress) {
@@ -714,6 +860,7 @@ impl Server {
         s.events_unmap = c.unmap;
         s.retries = c.retries;
         s.pending_pages = self.spaces.iter().map(|s| s.pending.pages()).sum();
+        s.remote = self.source.remote_stats();
         let room = MAX_SAMPLES.saturating_sub(p.samples.len());
         p.samples.extend(self.samples.iter().take(room));
     }
@@ -863,6 +1010,7 @@ impl Server {
     fn fault(&mut self, i: usize, page: u64, read_at: Instant) -> Result<(), SpaceEnd> {
         let w = self.options.fault_window.max(PAGE);
         let lo = page & !(w - 1);
+        self.source.faulted(page);
         let pieces = self.spaces[i].pending.window(lo, lo + w);
         let mut resolved = false;
         let mut again = false;
@@ -937,9 +1085,10 @@ impl Server {
             let mut fill = None;
             let had = self.source.with_data(src + done, want, &mut |data| fill = Some(uffd.copy(dst + done, data)));
             let fill = match (had, fill) {
-                (true, Some(f)) => f,
-                // The source lost the page (it cannot, for a local store): a zero page is what a
-                // page nobody wrote holds.
+                (Ok(true), Some(f)) => f,
+                (Err(e), _) => return Filled::Fatal(e.to_string()),
+                // Listed as data but not held (a local store cannot lose a page; the extents
+                // are taken from it): a zero page is what a page nobody wrote holds.
                 _ => uffd.zeropage(dst + done, PAGE),
             };
             done += fill.done;
@@ -968,9 +1117,27 @@ impl Server {
         let Some(i) = self.spaces.iter().position(|s| !s.pending.is_empty()) else {
             return Ok(false);
         };
-        let s = &self.spaces[i];
-        let Some((dst, src, len)) = s.pending.next_from(s.cursor, self.options.background_chunk) else {
-            return Ok(false);
+        let (dst, src, len) = match self.source.next_ready() {
+            Ready::Wait => return Ok(true),
+            Ready::At { addr, len } => {
+                // What arrived, where it is still pending (by address: a range the process
+                // moved since is fetched again at its new place by the address-order fill).
+                let piece = self.spaces[i].pending.window(addr, addr + len).into_iter().find(|p| p.0 == p.1);
+                match piece {
+                    Some(p) => p,
+                    None => {
+                        self.source.consumed(addr, len);
+                        return Ok(false);
+                    }
+                }
+            }
+            Ready::Anywhere => {
+                let s = &self.spaces[i];
+                match s.pending.next_from(s.cursor, self.options.background_chunk) {
+                    Some(p) => p,
+                    None => return Ok(false),
+                }
+            }
         };
         let outcome = self.fill(i, dst, src, len);
         let s = &mut self.spaces[i];
@@ -1069,6 +1236,29 @@ mod tests {
     }
 
     #[test]
+    fn layered_prefers_the_remote_copy_of_a_page() {
+        use crate::pages::PageSink;
+        let mut local = PageStore::new();
+        let _ = local.put_pages(0x10_000, &vec![1u8; 4 * PAGE_SIZE]);
+        let mut remote = PageStore::new();
+        let _ = remote.put_pages(0x12_000, &vec![2u8; PAGE_SIZE]);
+        let _ = remote.put_pages(0x20_000, &vec![3u8; PAGE_SIZE]);
+        let layered = Layered {
+            local: Arc::new(local),
+            remote: Arc::new(remote),
+            remote_extents: crate::dirty::RangeSet::from_ranges([(0x12_000, 0x13_000), (0x20_000, 0x21_000)]),
+        };
+        assert_eq!(layered.data_extents(0, 1 << 30), vec![(0x10_000, 4 * P), (0x20_000, P)]);
+        let mut seen = Vec::new();
+        // Local pages up to the remote one, then the remote one, then local again.
+        assert_eq!(layered.with_data(0x10_000, 8 * P, &mut |d| seen.push((d.len(), d[0]))), Ok(true));
+        assert_eq!(layered.with_data(0x12_000, 8 * P, &mut |d| seen.push((d.len(), d[0]))), Ok(true));
+        assert_eq!(layered.with_data(0x13_000, 8 * P, &mut |d| seen.push((d.len(), d[0]))), Ok(true));
+        assert_eq!(seen, vec![(2 * PAGE_SIZE, 1), (PAGE_SIZE, 2), (PAGE_SIZE, 1)]);
+        assert_eq!(layered.with_data(0x20_000, P, &mut |d| assert_eq!(d[0], 3)), Ok(true));
+    }
+
+    #[test]
     fn store_as_source() {
         let mut store = PageStore::new();
         use crate::pages::PageSink;
@@ -1077,8 +1267,8 @@ mod tests {
         let src: &dyn LazySource = &store;
         assert_eq!(src.data_extents(0, 1 << 30), vec![(0x10_000, 3 * P)]);
         let mut got = 0;
-        assert!(src.with_data(0x11_000, 8 * P, &mut |d| got = d.len()));
+        assert_eq!(src.with_data(0x11_000, 8 * P, &mut |d| got = d.len()), Ok(true));
         assert_eq!(got, 2 * PAGE_SIZE);
-        assert!(!src.with_data(0x13_000, P, &mut |_| {}));
+        assert_eq!(src.with_data(0x13_000, P, &mut |_| {}), Ok(false));
     }
 }

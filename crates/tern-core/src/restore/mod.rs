@@ -225,7 +225,30 @@ pub fn restore_lazy(
     pages: Arc<PageStore>,
     options: RestoreOptions,
 ) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
-    let source = options.lazy_memory.then(|| pages.clone() as Arc<dyn LazySource>);
+    restore_remote(image, pages, None, options)
+}
+
+/// [`restore_lazy`] for an image whose `mm.remote_pages` stayed on the source (post-copy,
+/// hybrid): `remote` delivers them (a [`crate::pages::pull::RemotePages`]), layered over the
+/// local `pages`; lazy memory is then not optional.
+pub fn restore_remote(
+    image: &ProcessImage,
+    pages: Arc<PageStore>,
+    remote: Option<Arc<dyn LazySource>>,
+    options: RestoreOptions,
+) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
+    let remote_pages = crate::dirty::RangeSet::from_ranges(image.mm.remote_pages.iter().copied());
+    let source: Option<Arc<dyn LazySource>> = match remote {
+        Some(remote) => Some(Arc::new(lazy::Layered { local: pages.clone(), remote, remote_extents: remote_pages })),
+        None if !remote_pages.is_empty() => {
+            return Err(RestoreError::Unsupported(format!(
+                "{} pages of this image stayed on the source and no connection to it was given",
+                remote_pages.pages()
+            )))
+        }
+        None => options.lazy_memory.then(|| pages.clone() as Arc<dyn LazySource>),
+    };
+    let options = RestoreOptions { lazy_memory: source.is_some(), ..options };
     on_restore_thread(image, &pages, source, options)
 }
 
@@ -271,9 +294,20 @@ pub fn restore_with_files_lazy(
     files: &crate::files::RecreateOptions,
     lazy_memory: bool,
 ) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
+    restore_with_files_remote(image, pages, None, files, lazy_memory)
+}
+
+/// [`restore_with_files`] through [`restore_remote`].
+pub fn restore_with_files_remote(
+    image: &ProcessImage,
+    pages: Arc<PageStore>,
+    remote: Option<Arc<dyn LazySource>>,
+    files: &crate::files::RecreateOptions,
+    lazy_memory: bool,
+) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
     let recreated = crate::files::recreate_fds(&image.fds, files)?;
     let options = RestoreOptions { lazy_memory, ..RestoreOptions::with_files(recreated) };
-    let (restored, lazy) = restore_lazy(image, pages, options)?;
+    let (restored, lazy) = restore_remote(image, pages, remote, options)?;
     Ok((nudge(image, restored), lazy))
 }
 

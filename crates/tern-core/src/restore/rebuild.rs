@@ -441,6 +441,11 @@ impl Driver<'_> {
         let uffd = match self.lazy_source.clone() {
             Some(source) => match self.make_uffd()? {
                 Ok(u) => Some((u, source)),
+                Err(e) if !self.image.mm.remote_pages.is_empty() => {
+                    // Post-copy: part of the memory is only on the source; nothing to write it
+                    // from. Failing here is before the commit point (the source thaws).
+                    return Err(RestoreError::at("lazy memory for the pages left on the source", e));
+                }
                 Err(e) => {
                     self.warnings.push(format!("lazy memory off, pages written instead: {e}"));
                     None
