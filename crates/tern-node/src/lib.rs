@@ -17,6 +17,7 @@ use tern_core::sys::Pid;
 use tern_core::{check, probe, proc, ptrace::Tracer};
 
 mod precopy;
+mod pull;
 
 /// A tracer as JavaScript holds it: a cheap clone of the engine handle inside a JsBox.
 #[derive(Clone)]
@@ -190,6 +191,8 @@ struct SourceState {
     session: Mutex<Option<SourceSession>>,
     freeze: tern_core::ptrace::FreezeReport,
     last_dump: Mutex<Option<DumpOutcome>>,
+    /// Post-copy: the frozen original's pages served to the destination until commit/abort.
+    page_source: pull::PageSourceSlot,
 }
 
 #[derive(Clone)]
@@ -270,6 +273,7 @@ fn source_freeze(pid: f64) -> Result<Boxed<SourceHandle>, Error> {
         session: Mutex::new(Some(session)),
         freeze,
         last_dump: Mutex::new(None),
+        page_source: pull::PageSourceSlot::default(),
     }))))
 }
 
@@ -290,10 +294,14 @@ fn source_dump_stats(Boxed(handle): Boxed<SourceHandle>) -> Result<Json<Option<D
 pub(crate) struct DumpOutcome {
     pub(crate) dump: tern_core::dump::DumpStats,
     pub(crate) transfer: tern_core::pages::TransferStats,
+    /// Post-copy: where the destination pulls the pages left on the source.
+    pub(crate) page_source: Option<pull::PageSourceInfo>,
 }
 
 /// Dumps the frozen process, streaming its pages to the destination's page server; resolves to
 /// the image (msgpack) and the statistics. On failure the process stays frozen: abort or retry.
+/// With `lazy` (post-copy) private anonymous pages stay in the frozen process and a page source
+/// bound on `lazy.address` serves them (its port in the dump stats' `pageSource`).
 #[neon::export(task)]
 fn source_dump(
     Boxed(handle): Boxed<SourceHandle>,
@@ -302,6 +310,7 @@ fn source_dump(
     migration_id: String,
     token: String,
     bandwidth_bytes_per_sec: f64,
+    Json(lazy): Json<Option<pull::ServeLazy>>,
 ) -> Result<Buffer<Vec<u8>>, Error> {
     let guard = handle.0.session.lock().map_err(|_| Error::from("source session lock poisoned"))?;
     let session = guard.as_ref().ok_or_else(|| Error::from("the source session is already committed or aborted"))?;
@@ -316,10 +325,16 @@ fn source_dump(
         options,
     )
     .map_err(engine_err)?;
-    let (image, dump) = session.dump(&mut sender).map_err(engine_err)?;
+    let policy = if lazy.is_some() { tern_core::dump::PagePolicy::LeaveOnSource } else { tern_core::dump::PagePolicy::Send };
+    let (image, dump) = session.dump_with(&mut sender, policy).map_err(engine_err)?;
     let transfer = sender.finish().map_err(engine_err)?;
     let bytes = image.to_msgpack().map_err(engine_err)?;
-    *handle.0.last_dump.lock().map_err(|_| Error::from("source session lock poisoned"))? = Some(DumpOutcome { dump, transfer });
+    let page_source = match &lazy {
+        Some(serve) => Some(handle.0.page_source.start(serve, session.pid(), &image, &migration_id, &token)?),
+        None => None,
+    };
+    *handle.0.last_dump.lock().map_err(|_| Error::from("source session lock poisoned"))? =
+        Some(DumpOutcome { dump, transfer, page_source });
     Ok(Buffer(bytes))
 }
 
@@ -327,6 +342,8 @@ fn source_dump(
 #[neon::export(task)]
 fn source_commit(Boxed(handle): Boxed<SourceHandle>) -> Result<(), Error> {
     let session = handle.0.session.lock().map_err(|_| Error::from("source session lock poisoned"))?.take();
+    // Nothing may read the original once it is being killed.
+    handle.0.page_source.stop();
     match session {
         Some(session) => session.commit().map_err(engine_err),
         None => Err(Error::from("the source session is already committed or aborted")),
@@ -337,37 +354,59 @@ fn source_commit(Boxed(handle): Boxed<SourceHandle>) -> Result<(), Error> {
 #[neon::export(task)]
 fn source_abort(Boxed(handle): Boxed<SourceHandle>) -> Result<(), Error> {
     let session = handle.0.session.lock().map_err(|_| Error::from("source session lock poisoned"))?.take();
+    handle.0.page_source.stop();
     if let Some(session) = session {
         session.abort().map_err(engine_err)?;
     }
     Ok(())
 }
 
+/// What the page source served (null: none running).
+#[neon::export]
+fn source_page_source_stats(Boxed(handle): Boxed<SourceHandle>) -> Json<Option<tern_core::pages::pull::SourceServeStats>> {
+    Json(handle.0.page_source.stats())
+}
+
 /// Rebuilds the process described by `image` from the pages the server received, with the same
 /// pid in this process's pid namespace, and lets it run. With `lazy` the store moves into the
 /// lazy thread (private anonymous memory is filled after the process runs; see
-/// [`page_server_lazy_wait`]); the server holds no pages afterwards.
+/// [`page_server_lazy_wait`]); the server holds no pages afterwards. With `remote` (post-copy,
+/// hybrid) the pages the image left on the source are pulled from its page source.
 #[neon::export(task)]
 fn restore_process(
     Buffer(image): Buffer<Vec<u8>>,
     Boxed(server): Boxed<PageServerHandle>,
     check_inode: bool,
     lazy: Option<bool>,
+    Json(remote): Json<Option<pull::PullFrom>>,
 ) -> Result<Json<tern_core::restore::RestoredProcess>, Error> {
     let image = tern_core::image::ProcessImage::from_msgpack(&image).map_err(engine_err)?;
+    let remote = match &remote {
+        Some(from) if !image.mm.remote_pages.is_empty() => {
+            Some(from.connect(&image)? as Arc<dyn tern_core::restore::LazySource>)
+        }
+        _ => None,
+    };
     let mut slot = server.0.store.lock().map_err(|_| Error::from("page store lock poisoned"))?;
     // Streams committed since the last wait (pre-copy: later rounds and the final stream, which
     // nobody has to wait for one by one) are newer than what the slot holds: merge them on top.
     merge_newer(&mut slot, server.0.server.take_store());
     let options = tern_core::files::RecreateOptions { check_inode };
-    if !lazy.unwrap_or(false) {
+    if !lazy.unwrap_or(false) && remote.is_none() {
         let store = slot.as_ref().ok_or_else(|| Error::from("no complete page stream has arrived for this migration"))?;
         let restored = tern_core::restore::restore_with_files(&image, store, &options).map_err(engine_err)?;
         tern_core::restore::reap_when_exited(restored.pid);
         return Ok(Json(restored));
     }
-    let store = Arc::new(slot.take().ok_or_else(|| Error::from("no complete page stream has arrived for this migration"))?);
-    match tern_core::restore::restore_with_files_lazy(&image, store.clone(), &options, true) {
+    let store = match slot.take() {
+        Some(store) => store,
+        // Post-copy: every page the final stream carried may have stayed on the source (an
+        // empty stream leaves nothing in the slot).
+        None if remote.is_some() => PageStore::new(),
+        None => return Err(Error::from("no complete page stream has arrived for this migration")),
+    };
+    let store = Arc::new(store);
+    match tern_core::restore::restore_with_files_remote(&image, store.clone(), remote, &options, true) {
         Ok((restored, handle)) => {
             drop(store); // the lazy thread holds the only reference now
             tern_core::restore::reap_when_exited(restored.pid);
@@ -390,6 +429,12 @@ fn lazy_of(server: &PageServerHandle) -> Option<Arc<tern_core::restore::LazyHand
 #[neon::export]
 fn page_server_lazy_stats(Boxed(server): Boxed<PageServerHandle>) -> Json<Option<tern_core::restore::LazyStats>> {
     Json(lazy_of(&server).map(|h| h.stats()))
+}
+
+/// Fault service times (ns) recorded since the last call (empty: none, or no lazy restore).
+#[neon::export]
+fn page_server_lazy_fault_samples(Boxed(server): Boxed<PageServerHandle>) -> Vec<f64> {
+    lazy_of(&server).map(|h| h.take_fault_samples().into_iter().map(|ns| ns as f64).collect()).unwrap_or_default()
 }
 
 /// Waits until every page is home (or the process exited), at most `timeout_ms`.

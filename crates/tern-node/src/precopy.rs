@@ -23,10 +23,11 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use neon::prelude::*;
 use neon::types::extract::{Boxed, Buffer, Error, Json};
 use serde::{Deserialize, Serialize};
-use tern_core::dump::{decide, PrecopyOptions, PrecopySession, RoundStats, SourceSession, Verdict};
+use tern_core::dump::{decide, PagePolicy, PrecopyOptions, PrecopySession, RoundStats, SourceSession, Verdict};
 use tern_core::pages::{MigrationId, PageSender, PageSink, SendError, SenderOptions, Token, TransferStats};
 use tern_core::sys::Pid;
 
+use crate::pull::{PageSourceSlot, ServeLazy};
 use crate::{engine_err, refuse_node_child, socket_addr, to_pid, DumpOutcome};
 
 /// Where a round's pages go: the destination's page server and this migration's credentials.
@@ -195,6 +196,8 @@ pub(crate) struct PrecopyState {
     setup: serde_json::Value,
     phase: Mutex<Phase>,
     last_final: Mutex<Option<FinalOutcome>>,
+    /// Hybrid: the frozen original's last dirty pages served to the destination.
+    page_source: PageSourceSlot,
 }
 
 #[derive(Clone)]
@@ -292,6 +295,7 @@ fn precopy_start(pid: f64, Json(options): Json<Option<StartOptions>>) -> Result<
         setup,
         phase: Mutex::new(Phase::Tracking(session)),
         last_final: Mutex::new(None),
+        page_source: PageSourceSlot::default(),
     }))))
 }
 
@@ -339,8 +343,14 @@ fn decision(history: &[RoundStats], options: &PrecopyOptions) -> JsDecision {
 /// The switchover: freeze, last dirty set, tracking off, image + final pages in one stream.
 /// Resolves to the image (msgpack); the handle then holds the frozen process (commit or abort).
 /// If the final stream fails the process is thawed (it runs on, untracked) and the handle is over.
+/// With `lazy` (hybrid) the final dirty pages of private anonymous memory stay in the frozen
+/// process and a page source bound on `lazy.address` serves them (final stats' `pageSource`).
 #[neon::export(task)]
-fn precopy_finish(Boxed(handle): Boxed<PrecopyHandle>, Json(destination): Json<Destination>) -> Result<Buffer<Vec<u8>>, Error> {
+fn precopy_finish(
+    Boxed(handle): Boxed<PrecopyHandle>,
+    Json(destination): Json<Destination>,
+    Json(lazy): Json<Option<ServeLazy>>,
+) -> Result<Buffer<Vec<u8>>, Error> {
     let mut phase = handle.0.exclusive()?;
     if !matches!(&*phase, Phase::Tracking(_)) {
         return Err(handle.0.over());
@@ -352,7 +362,8 @@ fn precopy_finish(Boxed(handle): Boxed<PrecopyHandle>, Json(destination): Json<D
         unreachable!("checked above under the same lock");
     };
     // On error the engine has already thawed the target and removed tracking.
-    let fin = session.finish(&mut sender).map_err(chain_err)?;
+    let policy = if lazy.is_some() { PagePolicy::LeaveOnSource } else { PagePolicy::Send };
+    let fin = session.finish_with(&mut sender, policy).map_err(chain_err)?;
     let transfer = match sender.finish() {
         Ok(t) => t,
         Err(e) => {
@@ -364,9 +375,21 @@ fn precopy_finish(Boxed(handle): Boxed<PrecopyHandle>, Json(destination): Json<D
             });
         }
     };
+    let page_source = match &lazy {
+        Some(serve) => match handle.0.page_source.start(serve, handle.0.pid, &fin.image, &destination.migration_id, &destination.token) {
+            Ok(info) => Some(info),
+            Err(err) => {
+                return Err(match fin.session.abort() {
+                    Ok(_) => err,
+                    Err(a) => Error::from(format!("{err}; thawing the original failed too: {}", chain_err(a))),
+                });
+            }
+        },
+        None => None,
+    };
     let image = fin.image.to_msgpack().map_err(engine_err);
     let outcome = FinalOutcome {
-        outcome: DumpOutcome { dump: fin.stats, transfer },
+        outcome: DumpOutcome { dump: fin.stats, transfer, page_source },
         final_dirty_pages: fin.final_dirty_pages,
         stale_pages: fin.stale_pages,
         frozen_ns: fin.frozen_ns,
@@ -404,10 +427,20 @@ fn precopy_final_stats(Boxed(handle): Boxed<PrecopyHandle>) -> Json<Option<Final
     Json(handle.0.last_final.lock().unwrap_or_else(|p| p.into_inner()).clone())
 }
 
+/// What the hybrid page source served (null: none running).
+#[neon::export]
+fn precopy_page_source_stats(Boxed(handle): Boxed<PrecopyHandle>) -> Json<Option<tern_core::pages::pull::SourceServeStats>> {
+    Json(handle.0.page_source.stats())
+}
+
 /// Kills the frozen original after finish: the destination has the process.
 #[neon::export(task)]
 fn precopy_commit(Boxed(handle): Boxed<PrecopyHandle>) -> Result<(), Error> {
     let mut phase = handle.0.wait_phase();
+    if matches!(&*phase, Phase::Frozen(_)) {
+        // Nothing may read the original once it is being killed.
+        handle.0.page_source.stop();
+    }
     match std::mem::replace(&mut *phase, Phase::Over) {
         Phase::Frozen(session) => session.commit().map_err(chain_err),
         Phase::Tracking(session) => {
@@ -423,6 +456,7 @@ fn precopy_commit(Boxed(handle): Boxed<PrecopyHandle>) -> Result<(), Error> {
 #[neon::export(task)]
 fn precopy_abort(Boxed(handle): Boxed<PrecopyHandle>) -> Result<(), Error> {
     let mut phase = handle.0.wait_phase();
+    handle.0.page_source.stop();
     match std::mem::replace(&mut *phase, Phase::Over) {
         Phase::Tracking(session) => session.abort().map_err(chain_err),
         Phase::Frozen(session) => session.abort().map(|_| ()).map_err(chain_err),

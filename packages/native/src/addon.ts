@@ -23,6 +23,9 @@ import type {
   PrecopySetup,
   RestoreReport,
   LazyStats,
+  PageSourceInfo,
+  PageSourceStats,
+  PullFrom,
   RoundStats,
   ServerProgress,
   TransferStats,
@@ -54,19 +57,30 @@ export interface Addon {
   pageServerClose(s: OpaqueBox<'page-server'>): void;
   sourceFreeze(pid: number): Promise<OpaqueBox<'source'>>;
   sourceFreezeReport(s: OpaqueBox<'source'>): FreezeReport;
-  sourceDump(s: OpaqueBox<'source'>, address: string, port: number, migrationId: string, token: string, bandwidthBytesPerSec: number): Promise<Buffer>;
-  sourceDumpStats(s: OpaqueBox<'source'>): { dump: DumpStats; transfer: TransferStats } | null;
+  sourceDump(
+    s: OpaqueBox<'source'>,
+    address: string,
+    port: number,
+    migrationId: string,
+    token: string,
+    bandwidthBytesPerSec: number,
+    lazy: { address: string } | null,
+  ): Promise<Buffer>;
+  sourceDumpStats(s: OpaqueBox<'source'>): { dump: DumpStats; transfer: TransferStats; pageSource: PageSourceInfo | null } | null;
+  sourcePageSourceStats(s: OpaqueBox<'source'>): PageSourceStats | null;
   sourceCommit(s: OpaqueBox<'source'>): Promise<void>;
   sourceAbort(s: OpaqueBox<'source'>): Promise<void>;
-  restoreProcess(image: Buffer, server: OpaqueBox<'page-server'>, checkInode: boolean, lazy: boolean): Promise<RestoreReport>;
+  restoreProcess(image: Buffer, server: OpaqueBox<'page-server'>, checkInode: boolean, lazy: boolean, remote: PullFrom | null): Promise<RestoreReport>;
   pageServerLazyStats(s: OpaqueBox<'page-server'>): LazyStats | null;
   pageServerLazyWait(s: OpaqueBox<'page-server'>, timeoutMs: number): Promise<LazyStats | null>;
+  pageServerLazyFaultSamples(s: OpaqueBox<'page-server'>): number[];
   pageServerProgress(s: OpaqueBox<'page-server'>): ServerProgress;
   precopyStart(pid: number, options: { fixedCostNs?: number } | null): Promise<OpaqueBox<'precopy'>>;
   precopySetup(p: OpaqueBox<'precopy'>): PrecopySetup;
   precopyRound(p: OpaqueBox<'precopy'>, destination: PrecopyDestinationJson): Promise<RoundStats>;
   precopyDecide(p: OpaqueBox<'precopy'>, limits: PrecopyLimits | null): PrecopyDecision;
-  precopyFinish(p: OpaqueBox<'precopy'>, destination: PrecopyDestinationJson): Promise<Buffer>;
+  precopyFinish(p: OpaqueBox<'precopy'>, destination: PrecopyDestinationJson, lazy: { address: string } | null): Promise<Buffer>;
+  precopyPageSourceStats(p: OpaqueBox<'precopy'>): PageSourceStats | null;
   precopyFinalStats(p: OpaqueBox<'precopy'>): PrecopyFinalStats | null;
   precopyCommit(p: OpaqueBox<'precopy'>): Promise<void>;
   precopyAbort(p: OpaqueBox<'precopy'>): Promise<void>;

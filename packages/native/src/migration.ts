@@ -36,8 +36,54 @@ export interface DumpStats {
   /** Present pages not sent because the destination maps them from the same file. */
   skippedPages: number;
   bytes: number;
+  /** Data pages left on the source for the destination to pull (post-copy, hybrid). */
+  remotePages: number;
   pagesElapsedNs: number;
   elapsedNs: number;
+}
+
+/** Where the destination pulls the pages a post-copy or hybrid dump left on the source. */
+export interface PageSourceInfo {
+  address: string;
+  port: number;
+  /** Data pages left on the source. */
+  pages: number;
+}
+
+/** What the source's page source has served (post-copy, hybrid). */
+export interface PageSourceStats {
+  connections: number;
+  rejected: number;
+  requests: number;
+  pages: number;
+  bytes: number;
+}
+
+/** The destination's pull connection to the source (LazyStats.remote). */
+export interface RemotePullStats {
+  /** connected | reconnecting (faulting threads wait) | closed (all home) | failed (source gone for good). */
+  state: 'connected' | 'reconnecting' | 'closed' | 'failed';
+  reconnects: number;
+  disconnectedNs: number;
+  faultRequests: number;
+  faultPages: number;
+  prefetchPages: number;
+  bytes: number;
+  requestP50Ns: number;
+  requestP99Ns: number;
+  lastError: string | null;
+}
+
+/** Where a restore pulls the pages the image left on the source. */
+export interface PullFrom {
+  address: string;
+  port: number;
+  migrationId: string;
+  token: string;
+  /** Background pull cap; faults are never capped. */
+  bandwidthBytesPerSec?: number;
+  /** How long a lost connection is retried before the pull gives up (the process is killed). */
+  giveUpAfterMs?: number;
 }
 
 export interface TransferStats {
@@ -102,6 +148,8 @@ export interface LazyStats {
   elapsedNs: number;
   /** Restore → every page home; null until then. */
   homeNs: number | null;
+  /** The pull connection to the source (post-copy, hybrid); null when every page was here. */
+  remote: RemotePullStats | null;
 }
 
 export interface PageDestination {
@@ -172,6 +220,11 @@ export class PageServer {
     return callSync('lazy pages', () => load().pageServerLazyStats(this.box));
   }
 
+  /** Fault service times (ns) recorded since the last call: feed a histogram (the first 65536 faults are sampled). */
+  lazyFaultSamples(): number[] {
+    return callSync('lazy pages', () => load().pageServerLazyFaultSamples(this.box));
+  }
+
   /** Waits until the lazily restored process has all its memory (or exited); null: no lazy restore. */
   async lazyWait(timeoutMs = 60_000): Promise<LazyStats | null> {
     return call('lazy pages', () => load().pageServerLazyWait(this.box, timeoutMs));
@@ -210,14 +263,28 @@ export class SourceSession {
     return load().sourceFreezeReport(this.box);
   }
 
-  async dump(destination: PageDestination): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats }> {
+  /**
+   * Dumps the frozen process into the destination's page server. With `lazy` (post-copy) private
+   * anonymous memory stays here: a page source bound on `lazy.address` serves it until commit()
+   * or abort(), and `pageSource` says where.
+   */
+  async dump(
+    destination: PageDestination,
+    lazy?: { address: string },
+  ): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats; pageSource: PageSourceInfo | null }> {
     const box = this.live();
     const image = await call('dump', () =>
-      load().sourceDump(box, destination.address, destination.port, destination.migrationId, destination.token, destination.bandwidthBytesPerSec ?? 0),
+      load().sourceDump(box, destination.address, destination.port, destination.migrationId, destination.token, destination.bandwidthBytesPerSec ?? 0, lazy ?? null),
     );
     const stats = load().sourceDumpStats(box);
     if (!stats) throw new EngineError('dump', 'the engine returned no dump statistics');
-    return { image, dump: stats.dump, transfer: stats.transfer };
+    return { image, dump: stats.dump, transfer: stats.transfer, pageSource: stats.pageSource };
+  }
+
+  /** What the page source has served (null: none running). */
+  pageSourceStats(): PageSourceStats | null {
+    if (!this.box) return null;
+    return load().sourcePageSourceStats(this.box);
   }
 
   async commit(): Promise<void> {
@@ -243,10 +310,18 @@ export class SourceSession {
 export async function restoreProcess(
   image: Buffer,
   server: PageServer,
-  opts: { checkInode?: boolean; waitTimeoutMs?: number; lazy?: boolean } = {},
+  opts: { checkInode?: boolean; waitTimeoutMs?: number; lazy?: boolean; remote?: PullFrom } = {},
 ): Promise<RestoreReport> {
   if (!server.stats()) await server.wait(opts.waitTimeoutMs ?? 60_000);
-  return call('restore', () => load().restoreProcess(image, server.box, opts.checkInode ?? true, opts.lazy ?? false));
+  const remote = opts.remote ? pullFromJson(opts.remote) : null;
+  return call('restore', () => load().restoreProcess(image, server.box, opts.checkInode ?? true, opts.lazy ?? false, remote));
+}
+
+function pullFromJson(p: PullFrom): PullFrom {
+  const out: PullFrom = { address: p.address, port: p.port, migrationId: p.migrationId, token: p.token };
+  if (p.bandwidthBytesPerSec !== undefined && p.bandwidthBytesPerSec > 0) out.bandwidthBytesPerSec = p.bandwidthBytesPerSec;
+  if (p.giveUpAfterMs !== undefined && p.giveUpAfterMs > 0) out.giveUpAfterMs = p.giveUpAfterMs;
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,6 +411,8 @@ export interface PrecopyFinalStats {
   timings: { freezeNs: number; collectNs: number; dumpNs: number; staleNs: number };
   freeze: FreezeReport;
   rounds: RoundStats[];
+  /** Hybrid: where the destination pulls the final dirty pages left on the source. */
+  pageSource: PageSourceInfo | null;
 }
 
 /** @internal the exact shape the glue accepts (unknown fields are refused there). */
@@ -413,11 +490,14 @@ export class PrecopySession {
    * on, untracked) and this session is over; if the destination cannot even be reached, nothing
    * happened and the session is still tracking.
    */
-  async finish(destination: PageDestination): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats } & Omit<PrecopyFinalStats, 'dump' | 'transfer'>> {
+  async finish(
+    destination: PageDestination,
+    lazy?: { address: string },
+  ): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats } & Omit<PrecopyFinalStats, 'dump' | 'transfer'>> {
     this.tracking('precopy finish');
     let image: Buffer;
     try {
-      image = await call('precopy finish', () => load().precopyFinish(this.box, destinationJson(destination)));
+      image = await call('precopy finish', () => load().precopyFinish(this.box, destinationJson(destination), lazy ?? null));
     } catch (err) {
       // Unreachable destination: still tracking. Failed final stream: thawed, over.
       const phase = load().precopyPhase(this.box);
@@ -428,6 +508,11 @@ export class PrecopySession {
     const stats = load().precopyFinalStats(this.box);
     if (!stats) throw new EngineError('precopy finish', 'the engine returned no statistics for the final dump');
     return { image, ...stats };
+  }
+
+  /** What the hybrid page source has served (null: none running). */
+  pageSourceStats(): PageSourceStats | null {
+    return load().precopyPageSourceStats(this.box);
   }
 
   /** Kills the frozen original after finish(): the destination has the process. */
