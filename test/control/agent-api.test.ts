@@ -292,3 +292,85 @@ t.test('a destination takes only its own service addresses', async (t) => {
   t.match(r.json().message, /192\.0\.2\.99\/32 is not among this host's service addresses \(192\.0\.2\.20\/32\)/);
   t.equal((await post('/v1/migrations/mown/abort')).json().state, 'aborted');
 });
+
+t.test('post-copy roles (engine double): the source serves what stays, the destination pulls it with its page credentials and reports homing', async (t) => {
+  const { engine, calls } = engineDouble();
+  // The source leaves its private memory in the frozen original and says where it serves it.
+  const openSource = engine.openSource.bind(engine);
+  engine.openSource = async (pid) => {
+    const s = await openSource(pid);
+    return {
+      ...s,
+      dump: async (d, lazy) => {
+        const out = await s.dump(d);
+        calls.push(`lazy ${lazy?.address ?? 'none'}`);
+        return { ...(Buffer.isBuffer(out) ? { image: out } : out), pageSource: lazy ? { address: lazy.address, port: 41000, pages: 5 } : null };
+      },
+    };
+  };
+  // The destination's page server reports a lazy fill that ends homed after one reconnect.
+  const homed = {
+    pid: 4242,
+    state: { state: 'homed' as const },
+    summary: { ranges: 1, registeredPages: 8, lazyPages: 5, features: 0 },
+    faults: 2, faultPages: 2, zeroPages: 0, backgroundPages: 3, droppedPages: 0, pendingPages: 0,
+    eventsFork: 0, eventsRemap: 0, eventsRemove: 0, eventsUnmap: 0, retries: 0,
+    faultP50Ns: 80_000, faultP99Ns: 900_000, faultMaxNs: 900_000, elapsedNs: 5e6, homeNs: 5e6,
+    remote: { state: 'closed' as const, reconnects: 1, disconnectedNs: 2e9, faultRequests: 2, faultPages: 2, prefetchPages: 3, bytes: 20480, requestP50Ns: 70_000, requestP99Ns: 800_000, lastError: 'connection reset by peer' },
+  };
+  let samples = [50_000, 80_000, 900_000];
+  const startPageServer = engine.startPageServer.bind(engine);
+  let restoredYet = false;
+  engine.startPageServer = async (o) => ({
+    ...(await startPageServer(o)),
+    lazyStats: () => (restoredYet ? homed : null),
+    lazyWait: async () => homed,
+    lazyFaultSamples: () => {
+      const s = samples;
+      samples = [];
+      return s;
+    },
+  });
+  let remote: unknown;
+  const restore = engine.restore.bind(engine);
+  engine.restore = async (image, server, opts) => {
+    remote = opts?.remote;
+    restoredYet = true;
+    const r = await restore(image, server, opts);
+    return { ...r, lazy: { ranges: 1, registeredPages: 8, lazyPages: 5, features: 0 } };
+  };
+  const { app, metrics } = buildAgentApp(config, { engine });
+  t.teardown(() => app.close());
+  const post = (url: string, payload?: object) => app.inject({ method: 'POST', url, headers: auth, ...(payload && { payload }) });
+
+  const src = await post('/v1/migrations/mpsrc/source', { pid: 77, destination, lazy: true });
+  t.equal(src.statusCode, 200, src.body);
+  t.same(src.json().pageSource, { address: '127.0.0.1', port: 41000, pages: 5 }, 'where the destination pulls from');
+  t.ok(calls.includes('lazy 127.0.0.1'), 'the page source binds on the agent address');
+  const plain = await post('/v1/migrations/mpsrc2/source', { pid: 78, destination });
+  t.equal(plain.json().pageSource, null, 'no page source unless asked');
+
+  const prep = (await post('/v1/migrations/mpdst/prepare', { pid: 2147483004 })).json();
+  const none = await app.inject({ method: 'GET', url: '/v1/migrations/mpdst/homing', headers: auth });
+  t.equal(none.json().state, 'none', 'nothing lazy before the restore');
+  const restored = await post('/v1/migrations/mpdst/restore', { image: Buffer.from('img').toString('base64'), pullFrom: { address: '127.0.0.1', port: 41000, bandwidthBytesPerSec: 5_000_000, giveUpAfterMs: 2000 } });
+  t.equal(restored.statusCode, 200, restored.body);
+  t.same(remote, { address: '127.0.0.1', port: 41000, bandwidthBytesPerSec: 5_000_000, giveUpAfterMs: 2000, migrationId: prep.pageServer.migrationId, token: prep.pageServer.token }, 'the pull carries this migration\'s page credentials');
+  const h = await app.inject({ method: 'GET', url: '/v1/migrations/mpdst/homing?waitMs=100', headers: auth });
+  t.equal(h.statusCode, 200);
+  t.match(h.json(), { state: 'homed', lazyPages: 5, pendingPages: 0, faultPages: 2, backgroundPages: 3, faultP50Ms: 0.08, homeMs: 5, remote: { state: 'closed', reconnects: 1, disconnectedMs: 2000, lastError: 'connection reset by peer' } });
+  t.equal((await app.inject({ method: 'GET', url: '/v1/migrations/mpdst/homing?waitMs=60001', headers: auth })).statusCode, 400, 'the query is validated');
+  t.equal((await app.inject({ method: 'GET', url: '/v1/migrations/mpsrc/homing', headers: auth })).statusCode, 404, 'a source has no homing');
+  // The watcher feeds the metrics once the fill is over.
+  let text = '';
+  for (let i = 0; i < 50 && !/tern_agent_lazy_pages_total\{how="background"\} 3/.test(text); i++) {
+    await new Promise((r) => setTimeout(r, 20));
+    text = await metrics.registry.metrics();
+  }
+  t.match(text, /tern_agent_lazy_pages_total\{how="fault"\} 2/);
+  t.match(text, /tern_agent_lazy_pages_total\{how="background"\} 3/);
+  t.match(text, /tern_agent_postcopy_fault_latency_seconds_count 3/, 'every fault sample in the histogram');
+  t.match(text, /tern_agent_postcopy_fault_latency_seconds_bucket\{le="0.0001"\} 2/);
+  t.match(text, /tern_agent_pull_reconnects_total 1/);
+  t.match(text, /tern_agent_lazy_pending_pages 0/);
+});

@@ -44,15 +44,26 @@ t.test('in a pseudo-terminal: the progress bar is drawn through every phase, the
   const r = await run(['--from', 'hostA', '--to', 'hostB', '--pid', '42'], env, { pty: true });
   t.equal(r.code, 0, r.out + r.err);
   t.match(r.out, /\r\x1b\[2K/, 'the line is redrawn in place');
-  for (const phase of ['checking', 'precopy', 'switchover', 'restoring', 'postcopy']) t.match(r.out, new RegExp(`${phase} +▕[█░]+▏ round 0`), `bar in ${phase}`);
+  for (const phase of ['checking', 'precopy', 'switchover', 'restoring', 'postcopy']) t.match(r.out, new RegExp(`${phase} +▕[█░]+▏ round \\d+`), `bar in ${phase}`);
   t.match(r.out, /done +▕█{24}▏/, 'the bar finishes full');
   t.match(r.out, /ETA/);
   t.match(r.out, /dirty/);
-  t.match(r.out, /migrated pid 42 from hostA to hostB \(cold\) — done/);
+  t.match(r.out, /migrated pid 42 from hostA to hostB \(hybrid\) — done/, 'hybrid is the default');
   t.match(r.out, /downtime +\d+(\.\d+)? ms/);
   t.match(r.out, /total time/);
+  t.match(r.out, /bytes moved +[\d.]+ [KM]iB \(1000 data, 0 zero pages\)/);
+  t.match(r.out, /rounds +1/);
+  t.match(r.out, /post-copy +300 pages pulled from hostA: 40 on fault \(p50 0\.08 ms, p99 0\.90 ms\), 260 in the background, all home 42\.0 ms after the resume/);
+});
+
+t.test('--mode cold: no rounds, the memory moves inside the downtime', async (t) => {
+  const { env } = await setup(t);
+  const r = await run(['--from', 'hostA', '--to', 'hostB', '--pid', '42', '--mode', 'cold'], env);
+  t.equal(r.code, 0, r.out + r.err);
+  t.match(r.out, /migrated pid 42 from hostA to hostB \(cold\) — done/);
   t.match(r.out, /bytes moved +40\.0 KiB \(10 data, 2 zero pages\)/);
   t.match(r.out, /rounds +0/);
+  t.notMatch(r.out, /post-copy +\d+ pages/);
 });
 
 t.test('--json prints one parsable document; piped output is plain lines', async (t) => {
@@ -102,7 +113,6 @@ t.test('exit codes of migrations that do not happen', async (t) => {
   t.equal((await run(['--from', 'hostA', '--to', 'hostB', '--pid', '42'], nopid.env)).code, 2, 'no such pid → 2');
 
   const usage: [string[], RegExp][] = [
-    [['--from', 'hostA', '--to', 'hostB', '--pid', '42', '--mode', 'hybrid'], /mode hybrid is not built yet/],
     [['--from', 'hostA', '--to', 'hostB', '--pid', '42', '--mode', 'warp'], /--mode warp is not one of/],
     [['--from', 'hostA', '--to', 'hostB'], /--pid N are required/],
     [['--from', 'hostA', '--to', 'hostB', '--pid', 'x'], /not a process id/],

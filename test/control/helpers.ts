@@ -53,7 +53,7 @@ export function coordinatorOn(t: Teardownable, database: string, hosts: HostReco
   return { ...c, listening };
 }
 
-export type Step = 'check' | 'kernel' | 'prepare' | 'precopy' | 'round' | 'source' | 'restore' | 'commit' | 'abort';
+export type Step = 'check' | 'kernel' | 'prepare' | 'precopy' | 'round' | 'source' | 'restore' | 'homing' | 'commit' | 'abort';
 
 export interface FakeAgentScript {
   /** Steps answered with an error: status and machine code. */
@@ -63,6 +63,8 @@ export interface FakeAgentScript {
   movable?: boolean;
   /** Pre-copy: the verdict of each round in turn (then 'converged'). */
   verdicts?: string[];
+  /** Post-copy: the homing states answered in turn (then the last one again); default running, homed. */
+  homing?: ('running' | 'reconnecting' | 'homed' | 'failed')[];
 }
 
 /**
@@ -125,8 +127,10 @@ export async function fakeAgent(t: Teardownable, name: string, script: FakeAgent
     return answer('source', req.params.id, req.body, reply, () => {
       if (state.get(req.params.id) === 'aborted') return reply.code(409).send({ error: 'aborted', message: 'aborted during dump' });
       state.set(req.params.id, 'dumped');
+      const lazy = (req.body as { lazy?: boolean }).lazy === true;
       return {
         id: req.params.id,
+        ...(lazy && { pageSource: { address: '127.0.0.1', port: 10, pages: 300 } }),
         image: Buffer.from('fake image').toString('base64'),
         freeze: { threads: [1], elapsedNs: 1000 },
         frozenMs: 3.5,
@@ -136,9 +140,33 @@ export async function fakeAgent(t: Teardownable, name: string, script: FakeAgent
     });
   });
   app.post<{ Params: { id: string } }>('/v1/migrations/:id/restore', async (req, reply) =>
-    answer('restore', req.params.id, undefined, reply, () => {
+    answer('restore', req.params.id, req.body, reply, () => {
       state.set(req.params.id, 'restored');
       return { id: req.params.id, restore: { pid: 4242, threads: [4242], timings: { cloneNs: 1, memoryNs: 1, threadsNs: 1, totalNs: 3 }, pagesWritten: 10, bytesWritten: 40960, warnings: [] } };
+    }),
+  );
+  let looks = 0;
+  app.get<{ Params: { id: string } }>('/v1/migrations/:id/homing', async (req, reply) =>
+    answer('homing', req.params.id, undefined, reply, () => {
+      const seq = script.homing ?? ['running', 'homed'];
+      const s = seq[Math.min(looks++, seq.length - 1)]!;
+      const done = s === 'homed' ? 300 : s === 'failed' ? 120 : 100;
+      return {
+        id: req.params.id,
+        state: s === 'reconnecting' ? 'running' : s,
+        detail: s === 'failed' ? 'lazy pages at 0x7f0000000000: the source could not be reached for 30 s' : null,
+        pendingPages: 300 - done,
+        lazyPages: 300,
+        faults: 7,
+        faultPages: 40,
+        backgroundPages: done - 40,
+        zeroPages: 0,
+        faultP50Ms: 0.08,
+        faultP99Ms: 0.9,
+        elapsedMs: 20 * looks,
+        homeMs: s === 'homed' ? 42 : null,
+        remote: { state: s === 'reconnecting' ? 'reconnecting' : s === 'failed' ? 'failed' : s === 'homed' ? 'closed' : 'connected', reconnects: s === 'reconnecting' || looks > 2 ? 1 : 0, disconnectedMs: 0, faultRequests: 7, requestP50Ms: 0.07, requestP99Ms: 0.8, bytes: done * 4096, lastError: null },
+      };
     }),
   );
   app.post<{ Params: { id: string } }>('/v1/migrations/:id/commit', async (req, reply) =>

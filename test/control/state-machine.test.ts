@@ -15,7 +15,7 @@ t.test('success: every phase in order, agents called in the protocol order', asy
   const a = await fakeAgent(t, 'hostA');
   const b = await fakeAgent(t, 'hostB');
   const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
-  const rec = coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, bandwidth: 100 });
+  const rec = coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'cold', bandwidth: 100 });
   const done = await coordinator.settled(rec.id);
   t.equal(done.state, 'done');
   t.equal(done.committed, true);
@@ -49,7 +49,7 @@ t.test('failures before the commit point roll back: destination first, then sour
       const a = await fakeAgent(t, 'hostA', c.src);
       const b = await fakeAgent(t, 'hostB', c.dst);
       const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
-      const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42 }).id);
+      const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'cold' }).id);
       t.equal(rec.state, 'failed');
       t.equal(rec.committed, false);
       t.match(rec.failure, { kind: c.kind, phase: c.phase });
@@ -88,6 +88,42 @@ t.test('pre-copy: rounds until the verdict says stop, each a progress event, the
   t.match(text, /tern_migrations_total\{mode="precopy",result="done"\} 1/);
 });
 
+t.test('hybrid (the default): rounds, a switchover that leaves the last pages on the source, then homing before the kill', async (t) => {
+  const a = await fakeAgent(t, 'hostA', { verdicts: ['continue', 'converged'] });
+  const b = await fakeAgent(t, 'hostB', { homing: ['running', 'reconnecting', 'running', 'homed'] });
+  const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
+  const events: MigrationEvent[] = [];
+  coordinator.subscribe(null, (e) => events.push(e));
+  const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, bandwidth: 100 }).id);
+  t.equal(rec.mode, 'hybrid', 'hybrid when no mode is given');
+  t.equal(rec.state, 'done');
+  t.same(a.steps(), ['check', 'kernel', 'precopy', 'round', 'round', 'source', 'commit']);
+  t.same(b.steps(), ['prepare', 'restore', 'homing', 'homing', 'homing', 'homing', 'commit'], 'the original is killed only after "homed"');
+  t.match(a.calls.find((c) => c.step === 'source')!.body, { lazy: true });
+  t.match(b.calls.find((c) => c.step === 'restore')!.body, { lazy: true, pullFrom: { address: '127.0.0.1', port: 10, bandwidthBytesPerSec: 100_000_000 } });
+  t.match(rec.stats.homing, { remotePages: 300, faultPages: 40, backgroundPages: 260, homeMs: 42, reconnects: 1 });
+  const homing = events.filter((e) => e.type === 'progress' && e.state === 'postcopy');
+  t.equal(homing.length, 4, 'one progress event per look');
+  t.same(homing.map((e) => e.progress!.pendingPages), [200, 200, 200, 0]);
+  t.equal(homing[1]!.progress!.connection, 'reconnecting', 'a lost pull connection is visible in the events');
+  t.ok(events.some((e) => e.type === 'log' && /pull connection .*: reconnecting/.test(e.message)));
+  const text = await coordinator.metrics.registry.metrics();
+  t.match(text, /tern_postcopy_home_seconds_count\{mode="hybrid"\} 1/);
+  t.match(text, /tern_migrations_total\{mode="hybrid",result="done"\} 1/);
+});
+
+t.test('post-copy: no rounds; a pull that fails for good resumes the frozen original on the source', async (t) => {
+  const a = await fakeAgent(t, 'hostA');
+  const b = await fakeAgent(t, 'hostB', { homing: ['running', 'failed'] });
+  const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
+  const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'postcopy' }).id);
+  t.equal(rec.state, 'failed');
+  t.equal(rec.committed, true, 'it had passed the commit point');
+  t.match(rec.failure, { kind: 'engine', phase: 'postcopy', message: /could not be reached.*resumed on hostA/ });
+  t.same(a.steps(), ['check', 'kernel', 'source', 'abort'], 'never killed: thawed');
+  t.same(b.steps(), ['prepare', 'restore', 'homing', 'homing', 'abort'], 'destination first');
+});
+
 t.test('pre-copy: a failing round rolls back without freezing', async (t) => {
   const a = await fakeAgent(t, 'hostA', { fail: { round: { status: 422, error: 'precopy-round', message: 'page stream broke' } } });
   const b = await fakeAgent(t, 'hostB');
@@ -103,7 +139,7 @@ t.test('abort during the switchover: both agents told, record aborted, too late 
   const a = await fakeAgent(t, 'hostA', { delay: { source: 500 } });
   const b = await fakeAgent(t, 'hostB');
   const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
-  const rec = coordinator.create({ from: 'hostA', to: 'hostB', pid: 42 });
+  const rec = coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'cold' });
   await waitFor('switchover', () => coordinator.get(rec.id).state === 'switchover');
   const aborted = await coordinator.abort(rec.id);
   t.equal(aborted.state, 'aborted');
@@ -115,7 +151,7 @@ t.test('abort during the switchover: both agents told, record aborted, too late 
   t.ok(firstAbortDst >= 0);
   await t.rejects(coordinator.abort(rec.id), { statusCode: 409 });
 
-  const c2 = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 43 }).id);
+  const c2 = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 43, mode: 'cold' }).id);
   t.equal(c2.state, 'done');
   await t.rejects(coordinator.abort(c2.id), { statusCode: 409, code: 'finished' });
 });
@@ -138,7 +174,7 @@ t.test('WebSocket: live phases in order, then replay after the end; /events sees
     });
   const all = collect(`${base}/events`, (got) => got.some((e) => e.type === 'result'));
   await new Promise((r) => setTimeout(r, 100));
-  const rec = c.coordinator.create({ from: 'hostA', to: 'hostB', pid: 42 });
+  const rec = c.coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'cold' });
   const live = await collect(`${base}/migrations/${rec.id}/events`, () => false);
   t.same(phasesOf(live), PHASES, 'every phase, in order');
   t.equal(live.at(-1)!.type, 'result', 'the server closes after the result');
@@ -229,7 +265,7 @@ t.test('a live instance in the same process keeps its migrations; a closed one h
   const b = await fakeAgent(t, 'hostB');
   const first = coordinatorOn(t, db, [a.host, b.host]);
   await first.app.ready();
-  const rec = first.coordinator.create({ from: 'hostA', to: 'hostB', pid: 70 });
+  const rec = first.coordinator.create({ from: 'hostA', to: 'hostB', pid: 70, mode: 'cold' });
   const second = coordinatorOn(t, db, [a.host, b.host]);
   await second.app.ready();
   t.equal(second.coordinator.get(rec.id).state, 'checking', 'not taken over from a live owner');

@@ -14,6 +14,8 @@
  *   POST /v1/migrations/:id/source         source: lock, freeze, dump (or finish the pre-copy) to the
  *                                          destination's page server, release the service addresses
  *   POST /v1/migrations/:id/restore        destination: claim the service addresses, rebuild the process
+ *   GET  /v1/migrations/:id/homing         destination: how the restored process's memory is coming home
+ *                                          (post-copy, hybrid; ?waitMs= waits for the end that long)
  *   POST /v1/migrations/:id/commit         source: kill the original; destination: close the page server
  *   POST /v1/migrations/:id/abort          before commit: put everything back
  *   GET  /v1/migrations/:id                this agent's side of a migration
@@ -27,6 +29,7 @@ import {
   bearerAuth,
   checkRequestSchema,
   errorSchema,
+  homingQuerySchema,
   migrationIdParamsSchema,
   precopyStartRequestSchema,
   prepareRequestSchema,
@@ -34,6 +37,7 @@ import {
   restoreRequestSchema,
   sourceRequestSchema,
   type FreezeReport,
+  type HomingStatus,
   type PrecopyRoundResponse,
   type PrecopyStartRequest,
   type PrepareRequest,
@@ -44,7 +48,8 @@ import {
 } from '@tern/protocol';
 
 import type { AgentConfig } from './config.js';
-import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine, type PageServerHandle, type SourceSessionHandle } from './engine.js';
+import { EngineUnavailableError, isUnavailable, missingNativeFunctions, nativeMigrationEngine, UNAVAILABLE_MESSAGE, type MigrationEngine, type PageServerHandle, type ServeLazy, type SourceSessionHandle } from './engine.js';
+import type { LazyStats } from '@tern/native';
 import { destinationBlockers } from './readiness.js';
 import { watchTcpResume } from './tcp-resume.js';
 import { AgentSession, SessionTable } from './sessions.js';
@@ -76,6 +81,42 @@ export class HttpError extends Error {
 const notFound = (id: string) => new HttpError(404, 'not-found', `no migration ${id} on this agent`);
 
 type IdParams = { Params: { id: string } };
+
+/** The protocol's view of a lazy fill (ns → ms; null stats: nothing was restored lazily). */
+export function homingStatus(id: string, stats: LazyStats | null): HomingStatus {
+  const ms = (ns: number) => ns / 1e6;
+  if (!stats) {
+    return { id, state: 'none', detail: null, pendingPages: 0, lazyPages: 0, faults: 0, faultPages: 0, backgroundPages: 0, zeroPages: 0, faultP50Ms: 0, faultP99Ms: 0, elapsedMs: 0, homeMs: null, remote: null };
+  }
+  const r = stats.remote;
+  return {
+    id,
+    state: stats.state.state,
+    detail: stats.state.state === 'failed' ? stats.state.detail : null,
+    pendingPages: stats.pendingPages,
+    lazyPages: stats.summary.lazyPages,
+    faults: stats.faults,
+    faultPages: stats.faultPages,
+    backgroundPages: stats.backgroundPages,
+    zeroPages: stats.zeroPages,
+    faultP50Ms: ms(stats.faultP50Ns),
+    faultP99Ms: ms(stats.faultP99Ns),
+    elapsedMs: ms(stats.elapsedNs),
+    homeMs: stats.homeNs === null ? null : ms(stats.homeNs),
+    remote: r
+      ? {
+          state: r.state,
+          reconnects: r.reconnects,
+          disconnectedMs: ms(r.disconnectedNs),
+          faultRequests: r.faultRequests,
+          requestP50Ms: ms(r.requestP50Ns),
+          requestP99Ms: ms(r.requestP99Ns),
+          bytes: r.bytes,
+          lastError: r.lastError,
+        }
+      : null,
+  };
+}
 
 const errorResponses = { 400: errorSchema, 401: errorSchema, 404: errorSchema, 409: errorSchema, 422: errorSchema, 500: errorSchema, 501: errorSchema };
 
@@ -143,22 +184,66 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
   // Processes restored lazily whose memory is still arriving (pid → their page server): a new
   // migration of such a process waits for it (its memory is registered with our userfaultfd).
   const homing = new Map<number, PageServerHandle>();
+  /** Where another host reaches a server of ours bound to `bound` (every address: the one the coordinator used). */
+  const reachableAddress = (bound: string, hostname: string) =>
+    config.advertise ?? (bound === '0.0.0.0' || bound === '::' ? hostname.replace(/:\d+$/, '') : bound);
+  /** The last figures of each homing process, so that the gauges and counters move by differences. */
+  const homingSeen = new Map<number, { pending: number; reconnects: number; disconnected: boolean }>();
+  const refreshHomingGauges = () => {
+    let pending = 0;
+    let disconnected = 0;
+    for (const seen of homingSeen.values()) {
+      pending += seen.pending;
+      if (seen.disconnected) disconnected += 1;
+    }
+    metrics.lazyPendingPages.set(pending);
+    metrics.pullDisconnected.set(disconnected);
+  };
+  /** Feeds the metrics from a lazy fill's figures (samples since the last call, reconnects since the last look). */
+  const observeHoming = (pid: number, server: PageServerHandle, stats: LazyStats) => {
+    for (const ns of server.lazyFaultSamples?.() ?? []) metrics.faultLatencySeconds.observe(ns / 1e9);
+    const prev = homingSeen.get(pid) ?? { pending: 0, reconnects: 0, disconnected: false };
+    const reconnects = stats.remote?.reconnects ?? 0;
+    if (reconnects > prev.reconnects) metrics.pullReconnectsTotal.inc(reconnects - prev.reconnects);
+    homingSeen.set(pid, { pending: stats.pendingPages, reconnects, disconnected: stats.remote?.state === 'reconnecting' });
+    refreshHomingGauges();
+  };
   const watchHoming = (id: string, pid: number, server: PageServerHandle, log: { info(m: string): void; warn(m: string): void }) => {
     homing.set(pid, server);
+    // While the memory comes home: the metrics every half second (fault latency, pending pages,
+    // the pull connection), then the totals once it is over.
+    const poll = setInterval(() => {
+      const stats = server.lazyStats?.();
+      if (stats) observeHoming(pid, server, stats);
+    }, 500);
+    poll.unref();
+    const over = () => {
+      clearInterval(poll);
+      if (homing.get(pid) === server) homing.delete(pid);
+      homingSeen.delete(pid);
+      refreshHomingGauges();
+    };
     void server.lazyWait!(24 * 3600_000).then(
       (stats) => {
-        if (homing.get(pid) === server) homing.delete(pid);
+        if (stats) observeHoming(pid, server, stats);
+        over();
         if (!stats) return;
         metrics.pagesTotal.inc({ kind: 'lazy' }, stats.faultPages + stats.backgroundPages);
+        metrics.lazyPagesTotal.inc({ how: 'fault' }, stats.faultPages);
+        metrics.lazyPagesTotal.inc({ how: 'background' }, stats.backgroundPages);
         if (stats.homeNs !== null && stats.homeNs !== undefined) metrics.lazyHomeSeconds.observe(stats.homeNs / 1e9);
         const state = stats.state.state === 'failed' ? `failed: ${stats.state.detail}` : stats.state.state;
-        const msg = `migration ${id}: lazy memory of pid ${pid} ${state} — ${stats.faultPages} pages by fault (p50 ${(stats.faultP50Ns / 1e3).toFixed(0)} µs, p99 ${(stats.faultP99Ns / 1e3).toFixed(0)} µs), ${stats.backgroundPages} in the background`;
+        const from = stats.remote ? ` (pulled from the source: ${stats.remote.reconnects} reconnects)` : '';
+        const msg = `migration ${id}: lazy memory of pid ${pid} ${state} — ${stats.faultPages} pages by fault (p50 ${(stats.faultP50Ns / 1e3).toFixed(0)} µs, p99 ${(stats.faultP99Ns / 1e3).toFixed(0)} µs), ${stats.backgroundPages} in the background${from}`;
         if (stats.state.state === 'failed') log.warn(msg);
         else log.info(msg);
       },
       (err: Error) => {
-        if (homing.get(pid) === server) homing.delete(pid);
-        log.warn(`migration ${id}: waiting for the lazy memory of pid ${pid}: ${err.message}`);
+        // A failed fill (the process was killed) rejects: its figures are in lazyStats().
+        const stats = server.lazyStats?.();
+        if (stats) observeHoming(pid, server, stats);
+        over();
+        log.warn(`migration ${id}: lazy memory of pid ${pid}: ${err.message}`);
       },
     );
   };
@@ -234,9 +319,9 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         await guardRestore(id, [...ownServiceAddresses]).catch((err: Error) => request.log.warn(`restore guard: ${err.message}`));
       }
       const server = session.pageServer;
-      // A server bound to every address is reached at the one the coordinator reaches us at.
-      const address = config.advertise ?? (server.address === '0.0.0.0' || server.address === '::' ? request.hostname.replace(/:\d+$/, '') : server.address);
-      return { id, ready: true, blockers: [], pageServer: { address, port: server.port, migrationId: pageId, token: server.token ?? token } };
+      session.pageCredentials = { migrationId: pageId, token: server.token ?? token };
+      const address = reachableAddress(server.address, request.hostname);
+      return { id, ready: true, blockers: [], pageServer: { address, port: server.port, ...session.pageCredentials } };
     },
   );
 
@@ -282,7 +367,9 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
             }
           }
           const called = performance.now();
-          const report = await engine.restore(image, server, { lazy: request.body.lazy === true });
+          const pull = request.body.pullFrom;
+          const remote = pull && session.pageCredentials ? { ...pull, ...session.pageCredentials } : undefined;
+          const report = await engine.restore(image, server, { lazy: request.body.lazy === true || remote !== undefined, ...(remote && { remote }) });
           request.log.info(`migration ${id}: restore call ${(performance.now() - called).toFixed(1)} ms, engine ${(report.timings.totalNs / 1e6).toFixed(1)} ms, since the request ${(performance.now() - received).toFixed(1)} ms, image ${image.length} bytes`);
           // The sockets exist: the guard goes, but not inside the downtime.
           void unguardRestore(id).catch(() => {});
@@ -354,6 +441,8 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       else sessions.add(session);
       refreshActive();
       const pageDestination = { ...destination, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) };
+      // Post-copy / hybrid: what stays in the frozen original is served from a page source here.
+      const serveLazy: ServeLazy | undefined = request.body.lazy ? { address: config.listen } : undefined;
       const work = (async () => {
         // Network lock (network.ts): the process's TCP connections go silent here until commit
         // or rollback, so the source kernel neither ACKs nor resets while they move.
@@ -371,7 +460,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
           session.frozenAt = process.hrtime.bigint();
           session.set('dumping');
           // Freeze, last dirty set, image — one engine call; the throttle is no longer needed.
-          const finished = await countOp('precopy-finish', () => precopy.finish(pageDestination));
+          const finished = await countOp('precopy-finish', () => precopy.finish(pageDestination, serveLazy));
           if (finished.timings) {
             const steps = Object.entries(finished.timings).map(([k, v]) => `${k.replace(/Ns$/, '')} ${(v / 1e6).toFixed(1)}`).join(', ');
             request.log.info(`migration ${id}: final freeze ${((finished.frozenNs ?? 0) / 1e6).toFixed(1)} ms (${steps} ms)`);
@@ -393,7 +482,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
           await lock.extend();
           if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
           session.set('dumping');
-          out = await countOp('dump', () => handle.dump(pageDestination));
+          out = await countOp('dump', () => handle.dump(pageDestination, serveLazy));
         }
         const frozenMs = Number(process.hrtime.bigint() - session.frozenAt!) / 1e6;
         if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
@@ -411,6 +500,9 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         if (session.is('aborting')) throw new HttpError(409, 'aborted', `migration ${id} was aborted`);
         session.set('dumped');
         if (result.transfer) metrics.pageBytesTotal.inc({ direction: 'sent' }, result.transfer.wireBytes);
+        const source = 'pageSource' in result ? result.pageSource : null;
+        const pageSource = source ? { address: reachableAddress(source.address, request.hostname), port: source.port, pages: source.pages } : null;
+        if (pageSource) request.log.info(`migration ${id}: ${pageSource.pages} pages stay here, served on ${pageSource.address}:${pageSource.port} until commit`);
         return {
           id,
           image: result.image.toString('base64'),
@@ -419,6 +511,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
           dump: { ...(result.dump ?? {}) },
           transfer: { ...(result.transfer ?? {}) },
           addresses,
+          pageSource,
         } satisfies SourceResponse;
       })();
       session.inFlight = work;
@@ -579,6 +672,25 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       if (session.frozenAt !== null) metrics.freezeSeconds.observe({ role: 'source' }, Number(process.hrtime.bigint() - session.frozenAt) / 1e9);
       refreshActive();
       return session.status();
+    },
+  );
+
+  app.get<IdParams & { Querystring: { waitMs?: string } }>(
+    '/v1/migrations/:id/homing',
+    { schema: { params: migrationIdParamsSchema, querystring: homingQuerySchema, response: errorResponses } },
+    async (request): Promise<HomingStatus> => {
+      const { id } = request.params;
+      const session = sessions.get(id);
+      if (!session || session.role !== 'destination') throw notFound(id);
+      const server = session.pageServer;
+      let stats = server?.lazyStats?.() ?? null;
+      const waitMs = Number(request.query.waitMs ?? 0);
+      if (stats?.state.state === 'running' && waitMs > 0 && server?.lazyWait) {
+        // Ends early when the fill ends; a timeout or a failure just means "look at the figures".
+        await server.lazyWait(waitMs).catch(() => null);
+        stats = server.lazyStats?.() ?? stats;
+      }
+      return homingStatus(id, stats);
     },
   );
 

@@ -10,21 +10,26 @@
  *                (migrationId: 32 hex digits, token: 64 — fresh per migration, made by the agent)
  *   source       SourceSession.open(pid)                                      → session
  *   source       session.freeze()                                             → FreezeReport
- *   source       session.dump(destination: PageDestination)                   → { image: Buffer, dump, transfer }
- *   destination  restoreProcess(image: Buffer, server, { lazy })               → RestoreReport
- *                (lazy: private memory filled by userfaultfd after the process runs;
- *                server.lazyWait(ms) until every page is home)
+ *   source       session.dump(destination: PageDestination, lazy?)           → { image: Buffer, dump, transfer, pageSource }
+ *                (lazy = { address }: post-copy — private memory stays in the frozen original, a page
+ *                source on address serves it; pageSource says where)
+ *   destination  restoreProcess(image: Buffer, server, { lazy, remote })       → RestoreReport
+ *                (lazy: private memory filled by userfaultfd after the process runs; remote: the
+ *                source's page source for what stayed there; server.lazyWait(ms) until every page
+ *                is home, server.lazyStats() meanwhile)
  *   source       pre-copy instead of open/freeze/dump:
  *                PrecopySession.open(pid)                                    → precopy (tracking on, process runs)
  *                precopy.round(destination) … precopy.decide(limits)        → one round's stats, then the verdict
- *                precopy.finish(destination)                                 → freeze, last dirty pages, image
- *   source       session.commit()   (the original is killed)
+ *                precopy.finish(destination, lazy?)                          → freeze, last dirty pages (hybrid:
+ *                                                                              left on the source), image
+ *   source       session.commit()   (the page source stops, the original is killed; after "homed" in
+ *                                    post-copy and hybrid)
  *   source       session.abort()    (before commit: the original thawed exactly as it was)
  *   destination  server.close()
  */
 import * as native from '@tern/native';
 import { EngineError } from '@tern/native';
-import type { DumpStats, LazyStats, PageDestination, RestoreReport, TransferStats } from '@tern/native';
+import type { DumpStats, LazyStats, PageDestination, PageSourceInfo, PullFrom, RestoreReport, TransferStats } from '@tern/native';
 import type { FreezeReport, PrecopyRound, PrecopyVerdict } from '@tern/protocol';
 
 export interface PageServerHandle {
@@ -36,12 +41,19 @@ export interface PageServerHandle {
   /** The lazy fill of the process restored from this server (null: none). */
   lazyStats?(): LazyStats | null;
   lazyWait?(timeoutMs: number): Promise<LazyStats | null>;
+  /** Fault service times (ns) since the last call. */
+  lazyFaultSamples?(): number[];
   close(): Promise<void>;
+}
+
+/** Asked of a final dump: leave private anonymous pages on the source and serve them on this address. */
+export interface ServeLazy {
+  address: string;
 }
 
 export interface SourceSessionHandle {
   freeze(): Promise<FreezeReport>;
-  dump(destination: PageDestination): Promise<{ image: Buffer; dump?: DumpStats; transfer?: TransferStats } | Buffer>;
+  dump(destination: PageDestination, lazy?: ServeLazy): Promise<{ image: Buffer; dump?: DumpStats; transfer?: TransferStats; pageSource?: PageSourceInfo | null } | Buffer>;
   commit(): Promise<void>;
   abort(): Promise<void>;
   close?(): Promise<void>;
@@ -55,8 +67,11 @@ export interface PrecopyHandle {
   round(destination: PageDestination): Promise<PrecopyRoundReport>;
   /** The engine's convergence test over the rounds so far. */
   decide(limits: { maxDowntimeMs?: number; maxRounds?: number }): Promise<PrecopyVerdict>;
-  /** Freezes the process and sends the last dirty pages; the image as SourceSession.dump returns it. */
-  finish(destination: PageDestination): Promise<{ image: Buffer; dump?: DumpStats; transfer?: TransferStats; freeze?: FreezeReport; frozenNs?: number; timings?: Record<string, number> }>;
+  /** Freezes the process and sends the last dirty pages (hybrid: leaves them here); the image as SourceSession.dump returns it. */
+  finish(
+    destination: PageDestination,
+    lazy?: ServeLazy,
+  ): Promise<{ image: Buffer; dump?: DumpStats; transfer?: TransferStats; freeze?: FreezeReport; frozenNs?: number; timings?: Record<string, number>; pageSource?: PageSourceInfo | null }>;
   commit(): Promise<void>;
   /** Stops tracking (and thaws, after finish) — the process as it was. */
   abort(): Promise<void>;
@@ -67,13 +82,16 @@ export interface MigrationEngine {
   openSource(pid: number): Promise<SourceSessionHandle>;
   /** fixedCostMs: what a switchover costs beyond moving the last dirty pages (freeze, image, restore). */
   openPrecopy(pid: number, opts?: { fixedCostMs?: number }): Promise<PrecopyHandle>;
-  restore(image: Buffer, server: PageServerHandle, opts?: { lazy?: boolean }): Promise<RestoreReport>;
+  restore(image: Buffer, server: PageServerHandle, opts?: { lazy?: boolean; remote?: PullFrom }): Promise<RestoreReport>;
 }
 
 interface NativePrecopySession {
   round(dest: PageDestination): Promise<native.RoundStats>;
   decide(limits?: { maxDowntimeMs?: number; maxRounds?: number }): Promise<PrecopyVerdict>;
-  finish(dest: PageDestination): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats; freeze: FreezeReport; frozenNs?: number; timings?: Record<string, number> }>;
+  finish(
+    dest: PageDestination,
+    lazy?: ServeLazy,
+  ): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats; freeze: FreezeReport; frozenNs?: number; timings?: Record<string, number>; pageSource?: PageSourceInfo | null }>;
   commit(): Promise<void>;
   abort(): Promise<void>;
 }
@@ -82,7 +100,7 @@ interface NativeMigrationExports {
   PrecopySession?: { open?: (pid: number, opts?: { fixedCostNs?: number }) => Promise<NativePrecopySession> };
   PageServer?: { start?: (opts: { address: string; port: number; migrationId: string; token: string }) => Promise<PageServerHandle> };
   SourceSession?: { open?: (pid: number) => SourceSessionHandle | Promise<SourceSessionHandle> };
-  restoreProcess?: (image: Buffer, server: PageServerHandle, opts?: { lazy?: boolean }) => Promise<RestoreReport>;
+  restoreProcess?: (image: Buffer, server: PageServerHandle, opts?: { lazy?: boolean; remote?: PullFrom }) => Promise<RestoreReport>;
 }
 
 export const UNAVAILABLE_MESSAGE = 'cold migration engine is not built in this version';
@@ -144,7 +162,7 @@ export function nativeMigrationEngine(mod: unknown = native): MigrationEngine {
           };
         },
         decide: (limits) => session.decide(limits),
-        finish: (destination) => session.finish(destination),
+        finish: (destination, lazy) => session.finish(destination, lazy),
         commit: () => session.commit(),
         abort: () => session.abort(),
       };

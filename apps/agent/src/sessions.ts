@@ -14,6 +14,8 @@ export class AgentSession {
   readonly createdAt = new Date().toISOString();
   updatedAt = this.createdAt;
   pageServer: PageServerHandle | null = null;
+  /** Destination: the page server's credentials, which the post-copy pull to the source uses too. */
+  pageCredentials: { migrationId: string; token: string } | null = null;
   source: SourceSessionHandle | null = null;
   /** Source in pre-copy: the engine's tracking session until the switchover finishes it. */
   precopy: PrecopyHandle | null = null;

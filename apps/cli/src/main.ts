@@ -24,15 +24,19 @@ import { defaultLab, insideLabClient, labClientNetns } from './control.js';
 const HELP = `usage:
   migrate check --pid N [--json]      inventory of a process and whether Tern can move it
   migrate check --kernel [--json]     kernel mechanisms available on this machine
-  migrate --from HOST --to HOST --pid N [--mode cold|precopy|postcopy|hybrid]
+  migrate --from HOST --to HOST --pid N [--mode hybrid|precopy|postcopy|cold]
           [--max-downtime MS] [--bandwidth MB/s] [--max-rounds N] [--no-auto-converge] [--json]
-                                      migrate a process. cold (the default): frozen while all its
-                                      memory moves; precopy: memory sent in rounds while it runs,
-                                      then frozen for the last dirty pages (rounds stop when the
-                                      predicted downtime is under --max-downtime, the dirty set
-                                      stops shrinking, or after --max-rounds; a process dirtying
-                                      faster than the link is CPU-throttled unless
-                                      --no-auto-converge). postcopy/hybrid: not built yet
+                                      migrate a process. hybrid (the default): memory sent in
+                                      rounds while it runs, then it resumes on HOST after a freeze
+                                      for its state only and pulls its last dirty pages from the
+                                      source; precopy: the same rounds, then frozen while the last
+                                      dirty pages move (rounds stop when the predicted downtime is
+                                      under --max-downtime, the dirty set stops shrinking, or after
+                                      --max-rounds; a process dirtying faster than the link is
+                                      CPU-throttled unless --no-auto-converge); postcopy: no rounds,
+                                      it resumes at once and pulls all its memory (faults first,
+                                      the rest in the background, capped by --bandwidth); cold:
+                                      frozen while all its memory moves
   migrate list [--limit N] [--json]   the latest migrations
   migrate status ID [--events] [--json]
   migrate abort ID [--json]           roll back before the commit point

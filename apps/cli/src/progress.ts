@@ -110,6 +110,7 @@ export function renderReport(rec: MigrationRecord): string {
         ['total time', formatMs(s.totalMs)],
         ['bytes moved', `${formatBytes(s.bytes)} (${pages})`],
         ['rounds', String(s.rounds)],
+        ...(s.homing ? [['post-copy', homingLine(s.homing, rec.from)] as [string, string]] : []),
         ['now', `pid ${s.restoredPid ?? rec.pid} on ${rec.to}`],
       ]),
     );
@@ -125,6 +126,13 @@ export function renderReport(rec: MigrationRecord): string {
     if (s.totalMs !== null) out.push(`  total time ${formatMs(s.totalMs)}`);
   }
   return `${out.join('\n')}\n`;
+}
+
+/** How the pages left on the source came home (post-copy, hybrid). */
+export function homingLine(h: NonNullable<MigrationRecord['stats']['homing']>, from: string): string {
+  const home = h.homeMs !== null ? `, all home ${formatMs(h.homeMs)} after the resume` : '';
+  const reconnects = h.reconnects ? `, ${h.reconnects} reconnect${h.reconnects > 1 ? 's' : ''}` : '';
+  return `${h.remotePages} pages pulled from ${from}: ${h.faultPages} on fault (p50 ${h.faultP50Ms.toFixed(2)} ms, p99 ${h.faultP99Ms.toFixed(2)} ms), ${h.backgroundPages} in the background${home}${reconnects}`;
 }
 
 /** One line per migration for `migrate list`. */
@@ -151,6 +159,7 @@ export function renderStatus(rec: MigrationRecord, events: MigrationEvent[] = []
       ['total time', formatMs(rec.stats.totalMs)],
       ['bytes moved', formatBytes(rec.stats.bytes)],
       ['rounds', String(rec.stats.rounds)],
+      ...(rec.stats.homing ? [['post-copy', homingLine(rec.stats.homing, rec.from)] as [string, string]] : []),
     ]),
   ];
   if (rec.failure) out.push(`  ${rec.failure.kind} during ${rec.failure.phase}: ${rec.failure.message}`);

@@ -19,6 +19,7 @@ import websocket from '@fastify/websocket';
 import type { WebSocket } from 'ws';
 import { createCoordinatorMetrics } from '@tern/metrics';
 import {
+  MIGRATION_MODES,
   bearerAuth,
   createMigrationRequestSchema,
   errorSchema,
@@ -64,7 +65,7 @@ export function buildCoordinatorApp(config: CoordinatorConfig, opts: Coordinator
   const coordinator = new Coordinator({
     store,
     clusterToken: config.clusterToken,
-    metrics: createCoordinatorMetrics(),
+    metrics: createCoordinatorMetrics({ modes: MIGRATION_MODES }),
     ...(opts.logger && { log: (m: string) => app.log.info(m) }),
     ...opts.coordinator,
   });

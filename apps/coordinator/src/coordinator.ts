@@ -6,8 +6,15 @@
  *
  * The commit point is the end of restoring: the destination runs the rebuilt process. Before it,
  * any failure or abort tells the destination to drop what it built and then the source to thaw the
- * original (in that order: never two copies running). After it, the migration can only end 'done':
- * the source kills the original and the destination closes its page server.
+ * original (in that order: never two copies running). After it, the migration ends 'done': the
+ * source kills the original and the destination closes its page server.
+ *
+ * Post-copy and hybrid modes leave memory in the frozen original: in 'postcopy' the destination
+ * pulls it (faults first, the rest in the background) and the coordinator watches that until every
+ * page is home; only then is the original killed. If the pull fails for good (the destination
+ * gave up reconnecting: its copy was killed rather than left reading zeros), the frozen original
+ * is still whole: both sides are rolled back and it resumes on the source — 'failed', loudly, with
+ * what the copy did since the switchover lost.
  *
  * Every state change is written to SQLite before the step it names starts, so a coordinator that
  * restarts finds each unfinished migration either before commit (→ roll back → 'aborted') or after
@@ -17,9 +24,13 @@ import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import {
   BUILT_MODES,
+  DEFAULT_MODE,
+  LAZY_MODES,
   isTerminal,
   type CreateMigrationRequest,
   type FailureKind,
+  type HomingStatus,
+  type HomingSummary,
   type HostRecord,
   type MigrationEvent,
   type MigrationEventType,
@@ -73,6 +84,8 @@ export interface CoordinatorOptions {
   callTimeoutMs?: number;
   /** Delays between attempts to reach an agent while resolving an interrupted migration. */
   retryDelaysMs?: number[];
+  /** Post-copy: how long the destination retries a lost pull connection before it gives up (default 30 s). */
+  pullGiveUpMs?: number;
   log?: (msg: string) => void;
 }
 
@@ -166,13 +179,9 @@ export class Coordinator {
   /** Validates, records ('checking') and starts a migration; its progress goes to the event stream. */
   create(req: CreateMigrationRequest): MigrationRecord {
     if (this.closed) throw new CoordinatorError(503, 'closing', 'the coordinator is shutting down');
-    const mode = req.mode ?? 'cold';
+    const mode = req.mode ?? DEFAULT_MODE;
     if (!BUILT_MODES.includes(mode)) {
-      throw new CoordinatorError(
-        400,
-        'mode-unavailable',
-        `mode ${mode} is not built yet: this version migrates with --mode ${BUILT_MODES.join(' or ')} (cold: frozen while its memory moves; precopy: memory sent in rounds while it runs)`,
-      );
+      throw new CoordinatorError(400, 'mode-unavailable', `mode ${mode} is not built: this version migrates with --mode ${BUILT_MODES.join(', ')}`);
     }
     if (req.from === req.to) throw new CoordinatorError(400, 'bad-request', `from and to are the same host (${req.from})`);
     for (const h of [req.from, req.to]) {
@@ -313,40 +322,53 @@ export class Coordinator {
       stopIfAborted();
 
       let lastRound: PrecopyRound | null = null;
-      if (rec.mode === 'precopy') {
+      const lazy = LAZY_MODES.includes(rec.mode);
+      if (rec.mode === 'precopy' || rec.mode === 'hybrid') {
         // precopy: rounds while the process runs; each sends what was dirtied during the last.
         rec = this.enter(id, 'precopy', `pre-copy: sending the memory of pid ${rec.pid} while it runs`, phase);
         lastRound = await this.precopyRounds(rec, prep.pageServer, stats, bandwidthBytesPerSec, stopIfAborted);
       } else {
-        // cold mode has zero rounds — the memory moves inside the downtime.
-        rec = this.enter(id, 'precopy', 'cold mode: no pre-copy rounds, the memory moves during the switchover', phase);
+        // cold and post-copy have zero rounds: the memory moves inside the downtime (cold) or after
+        // it, pulled by the destination (post-copy).
+        const why = rec.mode === 'cold' ? 'cold mode: no pre-copy rounds, the memory moves during the switchover' : 'post-copy: no pre-copy rounds, the memory follows after the resume';
+        rec = this.enter(id, 'precopy', why, phase);
         this.emit(rec, 'progress', 'pre-copy skipped', { progress: { round: 0, bytes: 0, dirtyRateBytesPerSec: null, etaSeconds: null } });
       }
       stopIfAborted();
 
       // switchover: freeze the source and stream its memory and state to the destination.
-      rec = this.enter(id, 'switchover', `freezing pid ${rec.pid} on ${rec.from} and sending its memory to ${rec.to}`, phase);
+      rec = this.enter(
+        id,
+        'switchover',
+        lazy
+          ? `freezing pid ${rec.pid} on ${rec.from} and sending its state to ${rec.to} (its ${rec.mode === 'hybrid' ? 'last dirty pages' : 'private memory'} stay${rec.mode === 'hybrid' ? '' : 's'} on ${rec.from} until pulled)`
+          : `freezing pid ${rec.pid} on ${rec.from} and sending its memory to ${rec.to}`,
+        phase,
+      );
       const dump = await this.step('switchover', () =>
         src.call<SourceResponse>(
           'POST',
           `/v1/migrations/${id}/source`,
-          { pid: rec.pid, destination: prep.pageServer, from: rec.from, to: rec.to, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }) },
+          { pid: rec.pid, destination: prep.pageServer, from: rec.from, to: rec.to, ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }), ...(lazy && { lazy: true }) },
           long,
         ),
       );
       const afterDump = performance.now();
       const switchoverBytes = num(dump.transfer.wireBytes) ?? num(dump.dump.bytes) ?? 0;
       stats.bytes += switchoverBytes;
-      if (rec.mode === 'precopy') {
-        // Only the last dirty set moved inside the freeze.
+      if (rec.mode === 'precopy' || rec.mode === 'hybrid') {
+        // Only the last dirty set moved inside the freeze (hybrid: except private memory's).
         stats.pages.dirty = (num(dump.dump.dataPages) ?? 0) + (num(dump.dump.zeroPages) ?? 0);
         this.metrics.bytesTotal.inc({ phase: 'switchover' }, switchoverBytes);
       } else {
         stats.pages.data = num(dump.dump.dataPages) ?? 0;
         stats.pages.zero = num(dump.dump.zeroPages) ?? 0;
       }
+      const remotePages = dump.pageSource?.pages ?? 0;
+      if (lazy) stats.homing = { remotePages, faultPages: 0, backgroundPages: 0, faults: 0, faultP50Ms: 0, faultP99Ms: 0, homeMs: null, reconnects: 0, pulledBytes: 0 };
       this.store.setStats(id, stats);
-      this.emit(rec, 'progress', `sent ${switchoverBytes} bytes in ${dump.frozenMs.toFixed(1)} ms frozen`, {
+      const staying = dump.pageSource ? `; ${remotePages} pages stay on ${rec.from} (page source ${dump.pageSource.address}:${dump.pageSource.port})` : '';
+      this.emit(rec, 'progress', `sent ${switchoverBytes} bytes in ${dump.frozenMs.toFixed(1)} ms frozen${staying}`, {
         progress: { round: stats.rounds, bytes: stats.bytes, dirtyRateBytesPerSec: null, etaSeconds: null },
       });
       stopIfAborted();
@@ -359,7 +381,21 @@ export class Coordinator {
         dst.call<{ restore: { pid: number; timings?: { memoryNs?: number; totalNs?: number }; bytesWritten?: number; lazy?: { lazyPages?: number } | null } }>(
           'POST',
           `/v1/migrations/${id}/restore`,
-          { image: dump.image, addresses: dump.addresses ?? [], lazy: true, from: rec.from, to: rec.to },
+          {
+            image: dump.image,
+            addresses: dump.addresses ?? [],
+            lazy: true,
+            from: rec.from,
+            to: rec.to,
+            ...(dump.pageSource && {
+              pullFrom: {
+                address: dump.pageSource.address,
+                port: dump.pageSource.port,
+                ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }),
+                ...(this.opts.pullGiveUpMs !== undefined && { giveUpAfterMs: this.opts.pullGiveUpMs }),
+              },
+            }),
+          },
           long,
         ),
       );
@@ -386,16 +422,29 @@ export class Coordinator {
       rec = this.get(id);
       this.emit(rec, 'log', `commit point passed: pid ${stats.restoredPid} runs on ${rec.to}`);
 
-      // postcopy: nothing is fetched from the source in cold and pre-copy modes (the destination
-      // fills lazily from its own store); the original is killed, the page server closed.
-      rec = this.enter(
-        id,
-        'postcopy',
-        stats.pages.lazy
-          ? `finishing on both hosts; on ${rec.to} the last ${stats.pages.lazy} pages arrive from its own page store (userfaultfd), no page is fetched from ${rec.from}`
-          : 'finishing on both hosts',
-        phase,
-      );
+      if (lazy) {
+        // postcopy: the destination pulls what stayed on the source; the original is killed only
+        // once every page is home.
+        rec = this.enter(id, 'postcopy', `post-copy: ${rec.to} pulls ${remotePages} pages from ${rec.from} (faults first, the rest in the background)`, phase);
+        const homed = await this.awaitHomed(rec, stats);
+        if (homed.state === 'failed') {
+          await this.failAfterCommit(id, stats, homed, started);
+          return;
+        }
+        rec = this.get(id);
+        this.emit(rec, 'log', `every page is home on ${rec.to}: finishing on both hosts`);
+      } else {
+        // postcopy: nothing is fetched from the source in cold and pre-copy modes (the destination
+        // fills lazily from its own store); the original is killed, the page server closed.
+        rec = this.enter(
+          id,
+          'postcopy',
+          stats.pages.lazy
+            ? `finishing on both hosts; on ${rec.to} the last ${stats.pages.lazy} pages arrive from its own page store (userfaultfd), no page is fetched from ${rec.from}`
+            : 'finishing on both hosts',
+          phase,
+        );
+      }
       await this.finishCommitted(rec);
       stats.totalMs = performance.now() - started;
       this.finishDone(id, stats, phase);
@@ -477,6 +526,80 @@ export class Coordinator {
         return round;
       }
     }
+  }
+
+  /**
+   * Post-copy and hybrid, after the commit point: watches the destination pull what stayed on the
+   * source until every page is home (or the fill ended otherwise), one progress event per look.
+   * An unreachable destination agent is retried (the original stays frozen meanwhile).
+   */
+  private async awaitHomed(rec: MigrationRecord, stats: MigrationStats): Promise<HomingStatus> {
+    const dst = this.client(rec.to);
+    const delays = this.opts.retryDelaysMs ?? [200, 500, 1000, 2000, 5000, 10000, 30000];
+    let failures = 0;
+    let lastConnection: string | null = null;
+    for (;;) {
+      let h: HomingStatus;
+      try {
+        h = await dst.call<HomingStatus>('GET', `/v1/migrations/${rec.id}/homing?waitMs=1000`, undefined, 30_000);
+        failures = 0;
+      } catch (err) {
+        // 404: the destination agent no longer knows the migration (it restarted): nothing to watch.
+        if (this.closed || (err instanceof AgentCallError && err.status === 404)) throw err;
+        const delay = delays[Math.min(failures++, delays.length - 1)]!;
+        this.emit(this.get(rec.id), 'log', `watching the post-copy on ${rec.to}: ${(err as Error).message}; retrying in ${delay} ms`);
+        await new Promise((r) => setTimeout(r, delay));
+        continue;
+      }
+      stats.homing = homingSummary(stats.homing?.remotePages ?? 0, h);
+      this.store.setStats(rec.id, stats);
+      const connection = h.remote?.state ?? null;
+      if (connection !== lastConnection && connection !== null && lastConnection !== null) {
+        const why = h.remote?.lastError ? ` (${h.remote.lastError})` : '';
+        this.emit(this.get(rec.id), 'log', `pull connection from ${rec.to} to ${rec.from}: ${connection}${why}`);
+      }
+      lastConnection = connection;
+      const home = h.lazyPages - h.pendingPages;
+      this.emit(this.get(rec.id), 'progress', `post-copy: ${home} of ${h.lazyPages} pages home (${h.faultPages} by fault, p99 ${h.faultP99Ms.toFixed(2)} ms; ${h.backgroundPages} in the background)${connection && connection !== 'connected' ? `, connection ${connection}` : ''}`, {
+        progress: {
+          round: stats.rounds,
+          bytes: stats.bytes + (h.remote?.bytes ?? 0),
+          dirtyRateBytesPerSec: null,
+          etaSeconds: null,
+          pendingPages: h.pendingPages,
+          faultPages: h.faultPages,
+          backgroundPages: h.backgroundPages,
+          faultP50Ms: h.faultP50Ms,
+          faultP99Ms: h.faultP99Ms,
+          ...(connection !== null && { connection }),
+          reconnects: h.remote?.reconnects ?? 0,
+        },
+      });
+      if (h.state !== 'running') {
+        if (h.homeMs !== null) this.metrics.homeSeconds.observe({ mode: rec.mode }, h.homeMs / 1000);
+        if (h.remote?.reconnects) this.metrics.pullReconnectsTotal.inc(h.remote.reconnects);
+        stats.bytes += h.remote?.bytes ?? 0;
+        if (h.remote?.bytes) this.metrics.bytesTotal.inc({ phase: 'postcopy' }, h.remote.bytes);
+        this.store.setStats(rec.id, stats);
+        return h;
+      }
+    }
+  }
+
+  /**
+   * The pull failed for good after the commit point: the destination's copy was killed (never
+   * left reading zeros) and the source still holds the original frozen at the switchover. Both
+   * sides roll back — the original resumes on the source — and the migration fails loudly.
+   */
+  private async failAfterCommit(id: string, stats: MigrationStats, homed: HomingStatus, started: number): Promise<void> {
+    const rec = this.get(id);
+    const failure: MigrationFailure = {
+      kind: 'engine',
+      phase: 'postcopy',
+      message: `post-copy failed on ${rec.to}: ${homed.detail ?? 'its memory could not be pulled'}; the copy there was killed and pid ${rec.pid} resumed on ${rec.from} from its state at the switchover (what the copy did since is lost)`,
+    };
+    this.emit(rec, 'log', failure.message);
+    await this.rollBackAndRecord(id, failure, stats, started);
   }
 
   /** Runs one agent call, turning its errors into the migration's failure. */
@@ -606,6 +729,18 @@ export class Coordinator {
         if (isTerminal(rec.state)) return;
         try {
           if (rec.committed) {
+            if (LAZY_MODES.includes(rec.mode)) {
+              // The original may still serve pages: it is killed only once they are all home.
+              const stats = { ...rec.stats };
+              const homed = await this.awaitHomed(rec, stats).catch((err: unknown) => {
+                if (err instanceof AgentCallError && err.status === 404) return null; // destination forgot it (restarted)
+                throw err;
+              });
+              if (homed?.state === 'failed') {
+                await this.failAfterCommit(id, stats, homed, performance.now());
+                return;
+              }
+            }
             const warnings = await this.finishCommitted(rec);
             for (const w of warnings) this.emit(rec, 'log', w);
             if (fromRestart) this.metrics.recoveriesTotal.inc({ result: 'done' });
@@ -632,6 +767,21 @@ export class Coordinator {
     this.resolving.set(id, work);
     return work;
   }
+}
+
+/** The migration record's summary of a destination's homing figures. */
+export function homingSummary(remotePages: number, h: HomingStatus): HomingSummary {
+  return {
+    remotePages,
+    faultPages: h.faultPages,
+    backgroundPages: h.backgroundPages,
+    faults: h.faults,
+    faultP50Ms: h.faultP50Ms,
+    faultP99Ms: h.faultP99Ms,
+    homeMs: h.homeMs,
+    reconnects: h.remote?.reconnects ?? 0,
+    pulledBytes: h.remote?.bytes ?? 0,
+  };
 }
 
 function num(v: unknown): number | undefined {

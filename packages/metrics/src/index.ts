@@ -37,7 +37,7 @@ export type MigrationResult = 'done' | 'aborted' | 'failed';
 export const MIGRATION_RESULTS: readonly MigrationResult[] = ['done', 'aborted', 'failed'];
 /** Phases whose bytes are counted separately. */
 export const BYTE_PHASES = ['precopy', 'switchover', 'postcopy'] as const;
-export const PAGE_KINDS = ['data', 'zero', 'dirty', 'lazy'] as const;
+export const PAGE_KINDS = ['data', 'zero', 'dirty', 'lazy', 'fault', 'background'] as const;
 
 function registryWithDefaults(prefix: string, defaultMetrics: boolean): Registry {
   const registry = new Registry();
@@ -74,6 +74,14 @@ export interface AgentMetrics {
   tcpIdleConnectionsTotal: Counter;
   /** After a lazy restore: from the process resuming until every page of its memory is home. */
   lazyHomeSeconds: Histogram;
+  /** Lazily restored pages that came home, by how: on a fault (a thread waited) or in the background fill. */
+  lazyPagesTotal: Counter<'how'>;
+  /** Pages of lazily restored processes on this host still to come home. */
+  lazyPendingPages: Gauge;
+  /** Post-copy pull connections to a source host that were lost and re-established. */
+  pullReconnectsTotal: Counter;
+  /** Lazily restored processes whose pull connection to the source is down right now (their faults wait). */
+  pullDisconnected: Gauge;
   /** Control requests answered 4xx/5xx, by route and status code (401s included). */
   requestErrorsTotal: Counter<'route' | 'code'>;
 }
@@ -146,6 +154,27 @@ export function createAgentMetrics(opts: { prefix?: string; defaultMetrics?: boo
       buckets: DOWNTIME_BUCKETS_SECONDS,
       registers,
     }),
+    lazyPagesTotal: new Counter({
+      name: `${prefix}lazy_pages_total`,
+      help: 'Lazily restored pages that came home, by how (fault: a thread waited for it; background: the fill)',
+      labelNames: ['how'],
+      registers,
+    }),
+    lazyPendingPages: new Gauge({
+      name: `${prefix}lazy_pending_pages`,
+      help: 'Pages of lazily restored processes on this host still to come home',
+      registers,
+    }),
+    pullReconnectsTotal: new Counter({
+      name: `${prefix}pull_reconnects_total`,
+      help: 'Post-copy pull connections to a source host that were lost and re-established',
+      registers,
+    }),
+    pullDisconnected: new Gauge({
+      name: `${prefix}pull_disconnected`,
+      help: 'Lazily restored processes whose pull connection to the source is down right now (their faults wait)',
+      registers,
+    }),
     tcpIdleConnectionsTotal: new Counter({
       name: `${prefix}tcp_idle_connections_total`,
       help: 'Restored TCP connections whose peer sent no data within 5 s after the restore',
@@ -166,6 +195,7 @@ export function createAgentMetrics(opts: { prefix?: string; defaultMetrics?: boo
   m.freezeSeconds.zero({ role: 'source' });
   for (const direction of ['sent', 'received']) m.pageBytesTotal.inc({ direction }, 0);
   for (const kind of PAGE_KINDS) m.pagesTotal.inc({ kind }, 0);
+  for (const how of ['fault', 'background']) m.lazyPagesTotal.inc({ how }, 0);
   return m;
 }
 
@@ -195,8 +225,10 @@ export interface CoordinatorMetrics {
   predictedDowntimeSeconds: Gauge;
   /** Share of its CPU taken from the process by auto-converge in the migration running now (0..1). */
   throttleRatio: Gauge;
-  /** Post-copy fault latency as reported to the coordinator (the agents measure it per host too). */
-  faultLatencySeconds: Histogram;
+  /** Post-copy and hybrid: from the resume until every page left on the source is home. */
+  homeSeconds: Histogram<'mode'>;
+  /** Post-copy and hybrid: pull connections lost and re-established during homing. */
+  pullReconnectsTotal: Counter;
   migrationsInProgress: Gauge;
   /** Calls to agents that failed (unreachable, 5xx), by host. */
   agentErrorsTotal: Counter<'host'>;
@@ -284,10 +316,16 @@ export function createCoordinatorMetrics(opts: { prefix?: string; defaultMetrics
       help: 'Share of its CPU taken from the process by auto-converge in the migration in progress (0..1)',
       registers,
     }),
-    faultLatencySeconds: new Histogram({
-      name: `${prefix}postcopy_fault_latency_seconds`,
-      help: 'Latency of a post-copy page fault, from the fault to UFFDIO_COPY',
-      buckets: FAULT_BUCKETS_SECONDS,
+    homeSeconds: new Histogram({
+      name: `${prefix}postcopy_home_seconds`,
+      help: 'Post-copy and hybrid: time from the resume until every page left on the source is home',
+      labelNames: ['mode'],
+      buckets: DURATION_BUCKETS_SECONDS,
+      registers,
+    }),
+    pullReconnectsTotal: new Counter({
+      name: `${prefix}postcopy_reconnects_total`,
+      help: 'Post-copy and hybrid: pull connections to the source lost and re-established during homing',
       registers,
     }),
     migrationsInProgress: new Gauge({

@@ -8,7 +8,11 @@ import type { CheckReport, FreezeReport, Blocker } from './engine.js';
 export const MIGRATION_MODES = ['cold', 'precopy', 'postcopy', 'hybrid'] as const;
 export type MigrationMode = (typeof MIGRATION_MODES)[number];
 /** Modes this build can actually run; the others are refused with 400. */
-export const BUILT_MODES: readonly MigrationMode[] = ['cold', 'precopy'];
+export const BUILT_MODES: readonly MigrationMode[] = ['cold', 'precopy', 'postcopy', 'hybrid'];
+/** What a migration does when no mode is given: pre-copy rounds, then the last dirty pages lazily. */
+export const DEFAULT_MODE: MigrationMode = 'hybrid';
+/** Modes whose last pages stay on the source until the destination has pulled them. */
+export const LAZY_MODES: readonly MigrationMode[] = ['postcopy', 'hybrid'];
 
 /** The coordinator's state machine. Terminal: done, aborted, failed. */
 export const MIGRATION_STATES = ['checking', 'precopy', 'switchover', 'restoring', 'postcopy', 'done', 'aborted', 'failed'] as const;
@@ -48,6 +52,27 @@ export interface MigrationStats {
   rounds: number;
   dirtyRateBytesPerSec: number | null;
   restoredPid: number | null;
+  /** Post-copy and hybrid: how the memory left on the source came home (null in other modes). */
+  homing?: HomingSummary | null;
+}
+
+/** How the destination filled the memory it did not have at the resume. */
+export interface HomingSummary {
+  /** Data pages that were still on the source at the resume. */
+  remotePages: number;
+  /** Pages copied in answer to a fault (a thread waited for them). */
+  faultPages: number;
+  /** Pages copied by the background fill. */
+  backgroundPages: number;
+  faults: number;
+  faultP50Ms: number;
+  faultP99Ms: number;
+  /** Resume → every page home. */
+  homeMs: number | null;
+  /** Times the pull connection to the source was lost and re-established. */
+  reconnects: number;
+  /** Bytes pulled from the source. */
+  pulledBytes: number;
 }
 
 export interface MigrationRecord {
@@ -96,6 +121,17 @@ export interface MigrationEvent {
     predictedDowntimeMs?: number | null;
     /** Pre-copy: CPU taken from the process by auto-converge, in percent (0: none). */
     throttlePercent?: number;
+    /** Post-copy: pages still on the source. */
+    pendingPages?: number;
+    /** Post-copy: pages home so far, by fault and by the background fill. */
+    faultPages?: number;
+    backgroundPages?: number;
+    /** Post-copy: fault service time so far (ms). */
+    faultP50Ms?: number;
+    faultP99Ms?: number;
+    /** Post-copy: the pull connection to the source. */
+    connection?: PullConnectionState;
+    reconnects?: number;
   };
   /** On 'result': the final record. */
   record?: MigrationRecord;
@@ -137,6 +173,19 @@ export interface SourceRequest {
   /** Host names of both ends, for the address-handoff hook's environment. */
   from?: string;
   to?: string;
+  /**
+   * Post-copy / hybrid: private anonymous memory (post-copy) or its last dirty pages (hybrid) stay
+   * in the frozen original and a page source serves them to the destination until commit.
+   */
+  lazy?: boolean;
+}
+
+/** Where the destination pulls the pages a post-copy or hybrid switchover left on the source. */
+export interface PageSourceAddress {
+  address: string;
+  port: number;
+  /** Data pages left there. */
+  pages: number;
 }
 
 export interface SourceResponse {
@@ -150,6 +199,8 @@ export interface SourceResponse {
   transfer: Record<string, number>;
   /** Service addresses (address/prefix) the source released after the freeze: the destination claims them. */
   addresses: string[];
+  /** Post-copy / hybrid: the page source serving what stayed here (null otherwise). */
+  pageSource?: PageSourceAddress | null;
 }
 
 /** POST /v1/migrations/:id/precopy (source): start dirty tracking; the process keeps running. */
@@ -200,8 +251,53 @@ export interface RestoreRequest {
    * the page store and a background fill completes it (the restore's memory write leaves the downtime).
    */
   lazy?: boolean;
+  /**
+   * Post-copy / hybrid: where the pages the image left on the source are pulled from (with this
+   * migration's page credentials). Implies lazy.
+   */
+  pullFrom?: PullFrom;
   from?: string;
   to?: string;
+}
+
+export interface PullFrom {
+  address: string;
+  port: number;
+  /** Background pull cap; faults are never capped. */
+  bandwidthBytesPerSec?: number;
+  /** How long a lost pull connection is retried before the destination gives up (the copy is killed). */
+  giveUpAfterMs?: number;
+}
+
+export type PullConnectionState = 'connected' | 'reconnecting' | 'closed' | 'failed';
+
+/** GET /v1/migrations/:id/homing (destination): how the restored process's memory is coming home. */
+export interface HomingStatus {
+  id: string;
+  /** none: nothing was lazy; running; homed: every page here; exited: the process ended first; failed: it was killed (its memory could not be had). */
+  state: 'none' | 'running' | 'homed' | 'exited' | 'failed';
+  detail: string | null;
+  pendingPages: number;
+  lazyPages: number;
+  faults: number;
+  faultPages: number;
+  backgroundPages: number;
+  zeroPages: number;
+  faultP50Ms: number;
+  faultP99Ms: number;
+  elapsedMs: number;
+  homeMs: number | null;
+  /** The pull connection to the source (post-copy, hybrid); null when every page was here. */
+  remote: {
+    state: PullConnectionState;
+    reconnects: number;
+    disconnectedMs: number;
+    faultRequests: number;
+    requestP50Ms: number;
+    requestP99Ms: number;
+    bytes: number;
+    lastError: string | null;
+  } | null;
 }
 
 export type AgentRole = 'source' | 'destination';
@@ -301,6 +397,7 @@ export const sourceRequestSchema = {
     bandwidthBytesPerSec: { type: 'integer', minimum: 1 },
     from: hostNameSchema,
     to: hostNameSchema,
+    lazy: { type: 'boolean' },
   },
 } as const;
 
@@ -316,9 +413,27 @@ export const restoreRequestSchema = {
     image: { type: 'string', minLength: 1, maxLength: 268435456, pattern: '^[A-Za-z0-9+/]+={0,2}$' },
     addresses: { type: 'array', maxItems: 64, items: serviceAddressSchema },
     lazy: { type: 'boolean' },
+    pullFrom: {
+      type: 'object',
+      required: ['address', 'port'],
+      additionalProperties: false,
+      properties: {
+        address: { type: 'string', minLength: 1, maxLength: 255 },
+        port: { type: 'integer', minimum: 1, maximum: 65535 },
+        bandwidthBytesPerSec: { type: 'integer', minimum: 1 },
+        giveUpAfterMs: { type: 'integer', minimum: 100, maximum: 86400000 },
+      },
+    },
     from: hostNameSchema,
     to: hostNameSchema,
   },
+} as const;
+
+/** ?waitMs=N (0..60000): a query string carries text; the agent parses it after this check. */
+export const homingQuerySchema = {
+  type: 'object',
+  additionalProperties: false,
+  properties: { waitMs: { type: 'string', pattern: '^(0|[1-9][0-9]{0,3}|[1-5][0-9]{4}|60000)$' } },
 } as const;
 
 export const precopyStartRequestSchema = {
@@ -446,6 +561,20 @@ export const migrationRecordSchema = {
         rounds: { type: 'number' },
         dirtyRateBytesPerSec: { type: ['number', 'null'] },
         restoredPid: { type: ['integer', 'null'] },
+        homing: {
+          type: ['object', 'null'],
+          properties: {
+            remotePages: { type: 'number' },
+            faultPages: { type: 'number' },
+            backgroundPages: { type: 'number' },
+            faults: { type: 'number' },
+            faultP50Ms: { type: 'number' },
+            faultP99Ms: { type: 'number' },
+            homeMs: { type: ['number', 'null'] },
+            reconnects: { type: 'number' },
+            pulledBytes: { type: 'number' },
+          },
+        },
       },
     },
     createdAt: { type: 'string' },

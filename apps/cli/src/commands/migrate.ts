@@ -1,11 +1,11 @@
 /**
- * `migrate --from A --to B --pid N [--mode M] [--max-downtime MS] [--bandwidth MB/s]`:
+ * `migrate --from A --to B --pid N [--mode M] [--max-downtime MS] [--bandwidth MB/s]` (mode: hybrid by default):
  * starts a migration through a coordinator (or an embedded one) and follows it to the end.
  * Ctrl-C asks for an abort (before the commit point the process stays on the source); a second
  * Ctrl-C stops waiting.
  */
 import { parseArgs } from 'node:util';
-import { MIGRATION_MODES, type MigrationEvent, type MigrationMode, type MigrationRecord } from '@tern/protocol';
+import { DEFAULT_MODE, MIGRATION_MODES, type MigrationEvent, type MigrationMode, type MigrationRecord } from '@tern/protocol';
 import { ControlError, controlExit, openControl, type Control } from '../control.js';
 import { CliError, EXIT } from '../exit-codes.js';
 import { PlainProgress, renderReport, TtyProgress, type ProgressView } from '../progress.js';
@@ -71,7 +71,7 @@ export async function runMigrate(argv: string[]): Promise<number> {
   });
   if (!values.from || !values.to || values.pid === undefined) throw new CliError('migrate: --from HOST --to HOST --pid N are required (see migrate --help)', EXIT.badInput);
   if (!/^\d+$/.test(values.pid) || Number(values.pid) < 1) throw new CliError(`--pid ${values.pid} is not a process id`, EXIT.badInput);
-  const mode = (values.mode ?? 'cold') as MigrationMode;
+  const mode = (values.mode ?? DEFAULT_MODE) as MigrationMode;
   if (!MIGRATION_MODES.includes(mode)) throw new CliError(`--mode ${values.mode} is not one of ${MIGRATION_MODES.join(', ')}`, EXIT.badInput);
   const maxDowntimeMs = positiveNumber('max-downtime', values['max-downtime'], true);
   const bandwidth = positiveNumber('bandwidth', values.bandwidth, false);
