@@ -88,8 +88,9 @@ try {
   await sleep(1500);
   say(`\n${(await redisCli('INFO', 'clients')).match(/connected_clients:\d+/)?.[0]} (20 redis-benchmark connections + 1 counting INCR + this redis-cli)`);
 
-  say(`\n$ migrate --lab ${lab.name} --from hostA --to hostB --pid ${redis.pid} --mode precopy`);
-  const migrate = await lab.run('client', [process.execPath, cli, '--lab', lab.name, '--from', 'hostA', '--to', 'hostB', '--pid', String(redis.pid), '--mode', 'precopy'], { timeoutMs: 180_000 });
+  // The default mode (hybrid): pre-copy rounds, a freeze for the state only, the last dirty pages pulled after the resume.
+  say(`\n$ migrate --lab ${lab.name} --from hostA --to hostB --pid ${redis.pid}`);
+  const migrate = await lab.run('client', [process.execPath, cli, '--lab', lab.name, '--from', 'hostA', '--to', 'hostB', '--pid', String(redis.pid)], { timeoutMs: 180_000 });
   process.stdout.write(migrate.stdout + migrate.stderr);
   if (migrate.code !== 0) throw new Error(`migrate exited ${migrate.code}`);
 
