@@ -124,6 +124,25 @@ t.test('post-copy: no rounds; a pull that fails for good resumes the frozen orig
   t.same(b.steps(), ['prepare', 'restore', 'homing', 'homing', 'abort'], 'destination first');
 });
 
+t.test('pre-copy: the switchover cost measured between two hosts is remembered for the next pre-copy, across coordinators', async (t) => {
+  const a = await fakeAgent(t, 'hostA');
+  const b = await fakeAgent(t, 'hostB');
+  const db = join(tempDir(t), 'c.db');
+  const first = coordinatorOn(t, db, [a.host, b.host]);
+  const one = await first.coordinator.settled(first.coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'precopy' }).id);
+  t.equal(one.state, 'done');
+  const starts = () => a.calls.filter((c) => c.step === 'precopy').map((c) => (c.body as { fixedCostMs: number }).fixedCostMs);
+  t.equal(starts()[0], 150, 'the first pre-copy between two hosts assumes the default');
+  first.coordinator.close();
+  const learned = new MigrationStore(db).switchoverOverhead('hostA', 'hostB');
+  t.ok(learned !== undefined && learned < 150, `learned ${learned?.toFixed(1)} ms from the first`);
+  const second = coordinatorOn(t, db, [a.host, b.host]);
+  const two = await second.coordinator.settled(second.coordinator.create({ from: 'hostA', to: 'hostB', pid: 43, mode: 'precopy' }).id);
+  t.equal(two.state, 'done');
+  t.equal(starts()[1], learned, 'a new coordinator over the same database starts from it');
+  t.equal(new MigrationStore(db).switchoverOverhead('hostB', 'hostA'), undefined, 'per direction');
+});
+
 t.test('pre-copy: a failing round rolls back without freezing', async (t) => {
   const a = await fakeAgent(t, 'hostA', { fail: { round: { status: 422, error: 'precopy-round', message: 'page stream broke' } } });
   const b = await fakeAgent(t, 'hostB');

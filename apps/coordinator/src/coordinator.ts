@@ -106,11 +106,6 @@ export class Coordinator {
   readonly metrics: CoordinatorMetrics;
   private readonly emitter = new EventEmitter();
   private readonly running = new Map<string, Promise<void>>();
-  /**
-   * Per "from>to": what a switchover cost beyond moving the last dirty pages, learned from the
-   * pre-copy migrations done (moving average).
-   */
-  private readonly switchoverOverheadMs = new Map<string, number>();
   private readonly resolving = new Map<string, Promise<void>>();
   private readonly seqs = new Map<string, number>();
   private closed = false;
@@ -402,11 +397,11 @@ export class Coordinator {
       // Downtime without trusting two clocks: the source's own frozen time up to the end of the dump,
       // plus our monotonic time from then to the destination's answer (one network leg over).
       stats.downtimeMs = dump.frozenMs + (performance.now() - afterDump);
-      if (lastRound?.bandwidthBytesPerSec) {
+      if (rec.mode === 'precopy' && lastRound?.bandwidthBytesPerSec) {
+        // What this switchover cost beyond its last dirty pages, remembered (in the store: a CLI's
+        // embedded coordinator lives for one migration) for the next pre-copy between these hosts.
         const overhead = Math.max(0, stats.downtimeMs - (switchoverBytes / lastRound.bandwidthBytesPerSec) * 1000);
-        const key = `${rec.from}>${rec.to}`;
-        const prev = this.switchoverOverheadMs.get(key);
-        this.switchoverOverheadMs.set(key, prev === undefined ? overhead : (prev + overhead) / 2);
+        this.store.recordSwitchoverOverhead(rec.from, rec.to, overhead);
       }
       stats.restoredPid = restored.restore.pid;
       const t = restored.restore.timings;
@@ -486,7 +481,7 @@ export class Coordinator {
         from: rec.from,
         to: rec.to,
         autoConverge: rec.autoConverge,
-        fixedCostMs: this.switchoverOverheadMs.get(`${rec.from}>${rec.to}`) ?? DEFAULT_SWITCHOVER_OVERHEAD_MS,
+        fixedCostMs: this.store.switchoverOverhead(rec.from, rec.to) ?? DEFAULT_SWITCHOVER_OVERHEAD_MS,
         ...(rec.maxDowntimeMs !== null && { maxDowntimeMs: rec.maxDowntimeMs }),
         ...(rec.maxRounds !== null && { maxRounds: rec.maxRounds }),
         ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }),

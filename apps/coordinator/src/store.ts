@@ -59,6 +59,16 @@ CREATE TABLE IF NOT EXISTS hosts (
   url        TEXT NOT NULL,
   updated_at TEXT NOT NULL
 );
+-- What a pre-copy switchover cost between two hosts beyond moving its last dirty pages (moving
+-- average over the migrations done): the next pre-copy's downtime predictions start from it.
+CREATE TABLE IF NOT EXISTS switchover_costs (
+  source_host TEXT NOT NULL,
+  dest_host   TEXT NOT NULL,
+  overhead_ms REAL NOT NULL,
+  samples     INTEGER NOT NULL,
+  updated_at  TEXT NOT NULL,
+  PRIMARY KEY (source_host, dest_host)
+);
 `;
 
 interface MigrationRow {
@@ -276,6 +286,25 @@ export class MigrationStore {
 
   host(name: string): HostRecord | undefined {
     return this.db.prepare('SELECT name, url FROM hosts WHERE name = ?').get(name) as HostRecord | undefined;
+  }
+
+  /** The learned switchover overhead from `from` to `to` (ms), if a pre-copy measured one. */
+  switchoverOverhead(from: string, to: string): number | undefined {
+    const row = this.db.prepare('SELECT overhead_ms FROM switchover_costs WHERE source_host = ? AND dest_host = ?').get(from, to) as { overhead_ms: number } | undefined;
+    return row?.overhead_ms;
+  }
+
+  /** Folds one measured overhead into the moving average (the newest weighs half). */
+  recordSwitchoverOverhead(from: string, to: string, overheadMs: number): number {
+    const prev = this.switchoverOverhead(from, to);
+    const next = prev === undefined ? overheadMs : (prev + overheadMs) / 2;
+    this.db
+      .prepare(
+        `INSERT INTO switchover_costs (source_host, dest_host, overhead_ms, samples, updated_at) VALUES (?, ?, ?, 1, ?)
+         ON CONFLICT (source_host, dest_host) DO UPDATE SET overhead_ms = excluded.overhead_ms, samples = samples + 1, updated_at = excluded.updated_at`,
+      )
+      .run(from, to, next, new Date().toISOString());
+    return next;
   }
 
   putHost(host: HostRecord): { created: boolean } {
