@@ -306,6 +306,7 @@ t.test('post-copy roles (engine double): the source serves what stays, the desti
         calls.push(`lazy ${lazy?.address ?? 'none'}`);
         return { ...(Buffer.isBuffer(out) ? { image: out } : out), pageSource: lazy ? { address: lazy.address, port: 41000, pages: 5 } : null };
       },
+      pageSourceStats: () => ({ connections: 2, rejected: 0, requests: 3, pages: 5, bytes: 20480 }),
     };
   };
   // The destination's page server reports a lazy fill that ends homed after one reconnect.
@@ -349,6 +350,8 @@ t.test('post-copy roles (engine double): the source serves what stays, the desti
   t.ok(calls.includes('lazy 127.0.0.1'), 'the page source binds on the agent address');
   const plain = await post('/v1/migrations/mpsrc2/source', { pid: 78, destination });
   t.equal(plain.json().pageSource, null, 'no page source unless asked');
+  t.equal((await post('/v1/migrations/mpsrc/commit')).json().state, 'committed');
+  t.match(await metrics.registry.metrics(), /tern_agent_page_bytes_total\{direction="sent"\} 28880/, 'the dumps (2 × 4200) and what the page source served (20480) count as sent');
 
   const prep = (await post('/v1/migrations/mpdst/prepare', { pid: 2147483004 })).json();
   const none = await app.inject({ method: 'GET', url: '/v1/migrations/mpdst/homing', headers: auth });

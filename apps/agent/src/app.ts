@@ -465,7 +465,13 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
             const steps = Object.entries(finished.timings).map(([k, v]) => `${k.replace(/Ns$/, '')} ${(v / 1e6).toFixed(1)}`).join(', ');
             request.log.info(`migration ${id}: final freeze ${((finished.frozenNs ?? 0) / 1e6).toFixed(1)} ms (${steps} ms)`);
           }
-          session.source = { freeze: async () => finished.freeze!, dump: async () => finished, commit: () => precopy.commit(), abort: () => precopy.abort() };
+          session.source = {
+            freeze: async () => finished.freeze!,
+            dump: async () => finished,
+            commit: () => precopy.commit(),
+            abort: () => precopy.abort(),
+            pageSourceStats: () => precopy.pageSourceStats?.() ?? null,
+          };
           session.precopy = null;
           await session.releaseThrottle();
           await lock.extend();
@@ -630,6 +636,12 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       if (session.state !== ready) throw new HttpError(409, 'conflict', `migration ${id} is ${session.state} here: commit needs ${ready}`);
       await countOp('commit', async () => {
         if (session.role === 'source') {
+          // Post-copy: what the destination pulled from the original before it is killed.
+          const served = session.source!.pageSourceStats?.();
+          if (served) {
+            metrics.pageBytesTotal.inc({ direction: 'sent' }, served.bytes);
+            request.log.info(`migration ${id}: the page source served ${served.pages} pages in ${served.requests} requests over ${served.connections} connections`);
+          }
           await session.source!.commit();
           await unlockNetwork(id);
           if (session.frozenAt !== null) metrics.freezeSeconds.observe({ role: 'source' }, Number(process.hrtime.bigint() - session.frozenAt) / 1e9);

@@ -29,7 +29,7 @@
  */
 import * as native from '@tern/native';
 import { EngineError } from '@tern/native';
-import type { DumpStats, LazyStats, PageDestination, PageSourceInfo, PullFrom, RestoreReport, TransferStats } from '@tern/native';
+import type { DumpStats, LazyStats, PageDestination, PageSourceInfo, PageSourceStats, PullFrom, RestoreReport, TransferStats } from '@tern/native';
 import type { FreezeReport, PrecopyRound, PrecopyVerdict } from '@tern/protocol';
 
 export interface PageServerHandle {
@@ -57,6 +57,8 @@ export interface SourceSessionHandle {
   commit(): Promise<void>;
   abort(): Promise<void>;
   close?(): Promise<void>;
+  /** Post-copy: what the page source has served so far (null: none runs). */
+  pageSourceStats?(): PageSourceStats | null;
 }
 
 /** One pre-copy round as the agent reports it (protocol units: ms, bytes, bytes/s). */
@@ -75,6 +77,8 @@ export interface PrecopyHandle {
   commit(): Promise<void>;
   /** Stops tracking (and thaws, after finish) — the process as it was. */
   abort(): Promise<void>;
+  /** Hybrid: what the page source has served so far (null: none runs). */
+  pageSourceStats?(): PageSourceStats | null;
 }
 
 export interface MigrationEngine {
@@ -94,6 +98,7 @@ interface NativePrecopySession {
   ): Promise<{ image: Buffer; dump: DumpStats; transfer: TransferStats; freeze: FreezeReport; frozenNs?: number; timings?: Record<string, number>; pageSource?: PageSourceInfo | null }>;
   commit(): Promise<void>;
   abort(): Promise<void>;
+  pageSourceStats(): PageSourceStats | null;
 }
 
 interface NativeMigrationExports {
@@ -165,6 +170,7 @@ export function nativeMigrationEngine(mod: unknown = native): MigrationEngine {
         finish: (destination, lazy) => session.finish(destination, lazy),
         commit: () => session.commit(),
         abort: () => session.abort(),
+        pageSourceStats: () => session.pageSourceStats(),
       };
     },
     async restore(image, server, opts = {}) {
