@@ -117,6 +117,7 @@ t.test('exit codes of migrations that do not happen', async (t) => {
     [['--from', 'hostA', '--to', 'hostB'], /--pid N are required/],
     [['--from', 'hostA', '--to', 'hostB', '--pid', 'x'], /not a process id/],
     [['--from', 'hostA', '--to', 'hostB', '--pid', '4', '--bandwidth=-3'], /^migrate: --bandwidth -3 is not a positive number/],
+    [['--from', 'hostA', '--to', 'hostB', '--pid', '4', '--give-up-after', '0.01'], /--give-up-after 0.01 must be between 0.1 and 86400 seconds/],
     [['--from', 'hostA', '--to', 'hostZ', '--pid', '42'], /unknown host hostZ/],
     [['--from', 'hostA', '--to', 'hostB', '--pid', '42', '--bogus'], /Unknown option '--bogus'/],
     [['status'], /give one migration id/],

@@ -116,8 +116,10 @@ t.test('post-copy: no rounds; a pull that fails for good resumes the frozen orig
   const a = await fakeAgent(t, 'hostA');
   const b = await fakeAgent(t, 'hostB', { homing: ['running', 'failed'] });
   const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
-  const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'postcopy' }).id);
+  const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'postcopy', pullGiveUpMs: 2000 }).id);
   t.equal(rec.state, 'failed');
+  t.equal(rec.pullGiveUpMs, 2000);
+  t.match(b.calls.find((c) => c.step === 'restore')!.body, { pullFrom: { giveUpAfterMs: 2000 } }, 'the destination is told how long to retry');
   t.equal(rec.committed, true, 'it had passed the commit point');
   t.match(rec.failure, { kind: 'engine', phase: 'postcopy', message: /could not be reached.*resumed on hostA/ });
   t.same(a.steps(), ['check', 'kernel', 'source', 'abort'], 'never killed: thawed');

@@ -118,6 +118,34 @@ t.test('the pull connection cut for two seconds mid post-copy: faults wait, then
   await verified(t, wl.status, wl.pid, 'hostB');
 });
 
+t.test('the source unreachable for good: the destination gives up, its copy is killed and the frozen original resumes on the source', async (t) => {
+  const lab = await labWithAgents(t);
+  const wl = await startMemcheck(lab, 'hostA', 512);
+  const agentPort = lab.agents()!.port;
+  const hostB = lab.info.hosts.find((h) => h.name === 'hostB')!.address;
+  const table = `tern-gone-${process.pid}`;
+  t.teardown(() => lab.run('hostA', ['nft', 'delete', 'table', 'inet', table]).catch(() => {}));
+  const running = migrate(lab, wl.pid, 'hostA', 'hostB', ['--mode', 'postcopy', '--bandwidth', '50', '--give-up-after', '2']);
+  await waitFor('memcheck on hostB', () => runsOn(lab, 'hostB', wl.pid), 60_000, 100);
+  // Only the agents' control traffic gets through from now on: the page source is gone for hostB.
+  const cut = await lab.run('hostA', ['sh', '-c', [
+    `nft add table inet ${table}`,
+    `nft add chain inet ${table} input '{ type filter hook input priority -10 ; }'`,
+    `nft add rule inet ${table} input ip saddr ${hostB} tcp dport != ${agentPort} drop`,
+    `ss -K -tn dst ${hostB} and not sport = :${agentPort}`,
+  ].join(' && ')]);
+  t.equal(cut.code, 0, `page source cut off (${cut.stderr})`);
+  const m = await running;
+  t.comment(m.out.split('\n').filter((l) => /postcopy|failed/.test(l)).slice(-4).join(' | '));
+  t.equal(m.code, 3, 'migrate fails loudly (exit 3)');
+  t.equal(m.record?.state, 'failed');
+  t.match(m.record?.failure, { phase: 'postcopy', message: /resumed on hostA/ });
+  t.notOk(await runsOn(lab, 'hostB', wl.pid), 'the copy on hostB was killed (never left reading zeros)');
+  t.ok(await runsOn(lab, 'hostA', wl.pid), 'the original runs again on hostA');
+  await sleep(1000);
+  await verified(t, wl.status, wl.pid, 'hostA after the failed post-copy');
+});
+
 t.test('redis under redis-benchmark moves in the default (hybrid) mode without an error', async (t) => {
   const lab = await labWithAgents(t);
   const pid = await startRedis(lab);

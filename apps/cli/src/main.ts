@@ -25,7 +25,8 @@ const HELP = `usage:
   migrate check --pid N [--json]      inventory of a process and whether Tern can move it
   migrate check --kernel [--json]     kernel mechanisms available on this machine
   migrate --from HOST --to HOST --pid N [--mode hybrid|precopy|postcopy|cold]
-          [--max-downtime MS] [--bandwidth MB/s] [--max-rounds N] [--no-auto-converge] [--json]
+          [--max-downtime MS] [--bandwidth MB/s] [--max-rounds N] [--no-auto-converge]
+          [--give-up-after SECONDS] [--json]
                                       migrate a process. hybrid (the default): memory sent in
                                       rounds while it runs, then it resumes on HOST after a freeze
                                       for its state only and pulls its last dirty pages from the
@@ -35,8 +36,10 @@ const HELP = `usage:
                                       --max-rounds; a process dirtying faster than the link is
                                       CPU-throttled unless --no-auto-converge); postcopy: no rounds,
                                       it resumes at once and pulls all its memory (faults first,
-                                      the rest in the background, capped by --bandwidth); cold:
-                                      frozen while all its memory moves
+                                      the rest in the background, capped by --bandwidth; if the
+                                      source stays unreachable for --give-up-after seconds, default
+                                      30, the copy is killed and the original resumes on the
+                                      source); cold: frozen while all its memory moves
   migrate list [--limit N] [--json]   the latest migrations
   migrate status ID [--events] [--json]
   migrate abort ID [--json]           roll back before the commit point

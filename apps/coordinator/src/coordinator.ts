@@ -84,8 +84,6 @@ export interface CoordinatorOptions {
   callTimeoutMs?: number;
   /** Delays between attempts to reach an agent while resolving an interrupted migration. */
   retryDelaysMs?: number[];
-  /** Post-copy: how long the destination retries a lost pull connection before it gives up (default 30 s). */
-  pullGiveUpMs?: number;
   log?: (msg: string) => void;
 }
 
@@ -196,6 +194,7 @@ export class Coordinator {
         bandwidth: req.bandwidth ?? null,
         maxRounds: req.maxRounds ?? null,
         autoConverge: req.autoConverge ?? true,
+        pullGiveUpMs: req.pullGiveUpMs ?? null,
       }, this.owner);
     } catch (err) {
       if (err instanceof ActiveMigrationConflict) throw new CoordinatorError(409, 'conflict', err.message);
@@ -387,7 +386,7 @@ export class Coordinator {
                 address: dump.pageSource.address,
                 port: dump.pageSource.port,
                 ...(bandwidthBytesPerSec !== undefined && { bandwidthBytesPerSec }),
-                ...(this.opts.pullGiveUpMs !== undefined && { giveUpAfterMs: this.opts.pullGiveUpMs }),
+                ...(rec.pullGiveUpMs !== null && { giveUpAfterMs: rec.pullGiveUpMs }),
               },
             }),
           },

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS migrations (
   mode            TEXT NOT NULL,
   max_downtime_ms INTEGER,
   bandwidth       REAL,
-  -- pre-copy options: {"maxRounds": n, "autoConverge": bool}
+  -- options: {"maxRounds": n, "autoConverge": bool, "pullGiveUpMs": n}
   options         TEXT,
   state           TEXT NOT NULL,
   committed       INTEGER NOT NULL DEFAULT 0,
@@ -116,9 +116,9 @@ export function emptyStats(): MigrationStats {
   return { downtimeMs: null, totalMs: null, bytes: 0, pages: { data: 0, zero: 0, dirty: 0, lazy: 0 }, rounds: 0, dirtyRateBytesPerSec: null, restoredPid: null };
 }
 
-function precopyOptions(text: string | null): { maxRounds: number | null; autoConverge: boolean } {
-  const o = text ? (JSON.parse(text) as { maxRounds?: number | null; autoConverge?: boolean }) : {};
-  return { maxRounds: o.maxRounds ?? null, autoConverge: o.autoConverge ?? true };
+function precopyOptions(text: string | null): { maxRounds: number | null; autoConverge: boolean; pullGiveUpMs: number | null } {
+  const o = text ? (JSON.parse(text) as { maxRounds?: number | null; autoConverge?: boolean; pullGiveUpMs?: number | null }) : {};
+  return { maxRounds: o.maxRounds ?? null, autoConverge: o.autoConverge ?? true, pullGiveUpMs: o.pullGiveUpMs ?? null };
 }
 
 function fromRow(r: MigrationRow): MigrationRecord {
@@ -168,8 +168,8 @@ export class MigrationStore {
   }
 
   insert(
-    rec: Omit<MigrationRecord, 'createdAt' | 'updatedAt' | 'finishedAt' | 'committed' | 'abortRequested' | 'failure' | 'stats' | 'state' | 'maxRounds' | 'autoConverge'> &
-      Partial<Pick<MigrationRecord, 'maxRounds' | 'autoConverge'>>,
+    rec: Omit<MigrationRecord, 'createdAt' | 'updatedAt' | 'finishedAt' | 'committed' | 'abortRequested' | 'failure' | 'stats' | 'state' | 'maxRounds' | 'autoConverge' | 'pullGiveUpMs'> &
+      Partial<Pick<MigrationRecord, 'maxRounds' | 'autoConverge' | 'pullGiveUpMs'>>,
     owner: Owner,
   ): MigrationRecord {
     const now = new Date().toISOString();
@@ -182,7 +182,7 @@ export class MigrationStore {
         )
         .run(
           rec.id, rec.from, rec.to, rec.pid, rec.mode, rec.maxDowntimeMs, rec.bandwidth,
-          JSON.stringify({ maxRounds: rec.maxRounds ?? null, autoConverge: rec.autoConverge ?? true }),
+          JSON.stringify({ maxRounds: rec.maxRounds ?? null, autoConverge: rec.autoConverge ?? true, pullGiveUpMs: rec.pullGiveUpMs ?? null }),
           JSON.stringify(emptyStats()), now, now, owner.pid, owner.start, owner.instance,
         );
     } catch (err) {

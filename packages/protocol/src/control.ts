@@ -88,6 +88,8 @@ export interface MigrationRecord {
   maxRounds: number | null;
   /** Pre-copy: throttle the process when it dirties faster than the link. */
   autoConverge: boolean;
+  /** Post-copy / hybrid: how long the destination retries an unreachable source (null: the default, 30 s). */
+  pullGiveUpMs: number | null;
   state: MigrationState;
   /** The commit point has passed: the process lives on the destination from here on. */
   committed: boolean;
@@ -386,6 +388,8 @@ export const prepareResponseSchema = {
 /** The pre-copy limits, as the coordinator's API and the source agent both take them. */
 const maxDowntimeMsSchema = { type: 'integer', minimum: 1, maximum: 3600000 } as const;
 const maxRoundsSchema = { type: 'integer', minimum: 1, maximum: 1000 } as const;
+/** How long a post-copy destination retries an unreachable source: 100 ms to a day. */
+const pullGiveUpMsSchema = { type: 'integer', minimum: 100, maximum: 86400000 } as const;
 
 export const sourceRequestSchema = {
   type: 'object',
@@ -421,7 +425,7 @@ export const restoreRequestSchema = {
         address: { type: 'string', minLength: 1, maxLength: 255 },
         port: { type: 'integer', minimum: 1, maximum: 65535 },
         bandwidthBytesPerSec: { type: 'integer', minimum: 1 },
-        giveUpAfterMs: { type: 'integer', minimum: 100, maximum: 86400000 },
+        giveUpAfterMs: pullGiveUpMsSchema,
       },
     },
     from: hostNameSchema,
@@ -478,6 +482,8 @@ export interface CreateMigrationRequest {
   maxRounds?: number;
   /** Pre-copy: throttle the process's CPU if it dirties memory faster than it can be sent (default true). */
   autoConverge?: boolean;
+  /** Post-copy / hybrid: how long the destination retries an unreachable source before it gives up (default 30 s). */
+  pullGiveUpMs?: number;
 }
 
 export const createMigrationRequestSchema = {
@@ -493,6 +499,7 @@ export const createMigrationRequestSchema = {
     bandwidth: { type: 'number', exclusiveMinimum: 0, maximum: 1000000 },
     maxRounds: maxRoundsSchema,
     autoConverge: { type: 'boolean' },
+    pullGiveUpMs: pullGiveUpMsSchema,
   },
 } as const;
 
@@ -544,6 +551,7 @@ export const migrationRecordSchema = {
     bandwidth: { type: ['number', 'null'] },
     maxRounds: { type: ['integer', 'null'] },
     autoConverge: { type: 'boolean' },
+    pullGiveUpMs: { type: ['integer', 'null'] },
     state: { type: 'string', enum: [...MIGRATION_STATES] },
     committed: { type: 'boolean' },
     abortRequested: { type: 'boolean' },

@@ -68,6 +68,7 @@ export async function runMigrate(argv: string[]): Promise<number> {
     bandwidth: { type: 'string' },
     'max-rounds': { type: 'string' },
     'no-auto-converge': { type: 'boolean' },
+    'give-up-after': { type: 'string' },
   });
   if (!values.from || !values.to || values.pid === undefined) throw new CliError('migrate: --from HOST --to HOST --pid N are required (see migrate --help)', EXIT.badInput);
   if (!/^\d+$/.test(values.pid) || Number(values.pid) < 1) throw new CliError(`--pid ${values.pid} is not a process id`, EXIT.badInput);
@@ -76,6 +77,8 @@ export async function runMigrate(argv: string[]): Promise<number> {
   const maxDowntimeMs = positiveNumber('max-downtime', values['max-downtime'], true);
   const bandwidth = positiveNumber('bandwidth', values.bandwidth, false);
   const maxRounds = positiveNumber('max-rounds', values['max-rounds'], true);
+  const giveUpAfter = positiveNumber('give-up-after', values['give-up-after'], false);
+  if (giveUpAfter !== undefined && (giveUpAfter < 0.1 || giveUpAfter > 86400)) throw new CliError(`--give-up-after ${values['give-up-after']} must be between 0.1 and 86400 seconds`, EXIT.badInput);
 
   const control = await openControl(values);
   try {
@@ -89,6 +92,7 @@ export async function runMigrate(argv: string[]): Promise<number> {
         ...(bandwidth !== undefined && { bandwidth }),
         ...(maxRounds !== undefined && { maxRounds }),
         ...(values['no-auto-converge'] && { autoConverge: false }),
+        ...(giveUpAfter !== undefined && { pullGiveUpMs: Math.round(giveUpAfter * 1000) }),
       }),
     );
   } finally {
