@@ -17,20 +17,18 @@
 // Runs: TERN_BENCH_RUNS (default 3) pairs at 256 MiB and 1 GiB, TERN_BENCH_RUNS_4G (default 2) at
 // 4 GiB; about 5 minutes on the 2-core machine, most of it the 4 GiB pairs.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Lab } from '@tern/lab';
 import { PageServer, PrecopySession, newPageCredentials } from '@tern/native';
 import { row, median } from './stats.mjs';
+import { agentMetrics, moveMemcheck, sleep, startHostMemcheck, status } from './lab-runs.mjs';
 
 export const name = 'precopy';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const cli = join(root, 'apps', 'cli', 'dist', 'main.js');
-const memcheck = join(root, 'test', 'workloads', 'bin', 'memcheck');
 const pmScanSrc = '/work/shared/probes/pm_scan.c';
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const RUNS = Number(process.env.TERN_BENCH_RUNS ?? 3);
 const RUNS_4G = Number(process.env.TERN_BENCH_RUNS_4G ?? 2);
 const RATE = 20; // MB/s the writer dirties, every size
@@ -41,31 +39,10 @@ const SIZES = [
 ];
 const GiB = 2 ** 30;
 
-function status(file) {
-  return Object.fromEntries(readFileSync(file, 'utf8').trim().split(/\s+/).map((kv) => kv.split('=')));
-}
-
-async function waitStatus(file, what, pred, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    let s = null;
-    try {
-      s = status(file);
-    } catch {}
-    if (s && pred(s)) return s;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (${file}: ${s ? JSON.stringify(s) : 'no status'})`);
-    await sleep(100);
-  }
-}
-
 // ------------------------------------------------------------------------ lab: cold vs precopy
 
 async function restoreSecondsSum(lab) {
-  const agents = lab.agents();
-  const url = `${agents.hosts.hostB.url}/metrics`;
-  const headers = { authorization: `Bearer ${agents.clusterToken}` };
-  const r = await lab.run('client', [process.execPath, '-e', `fetch(${JSON.stringify(url)},{headers:${JSON.stringify(headers)}}).then(r=>r.text()).then(t=>process.stdout.write(t))`], { timeoutMs: 10_000 });
-  const m = /^\S*restore_seconds_sum(?:\{[^}]*\})?\s+(\S+)/m.exec(r.stdout);
+  const m = /^\S*restore_seconds_sum(?:\{[^}]*\})?\s+(\S+)/m.exec(await agentMetrics(lab, 'hostB'));
   return m ? Number(m[1]) : NaN;
 }
 
@@ -75,61 +52,37 @@ const at = (events, pred) => {
 };
 
 async function migrateOnce(lab, mib, mode) {
-  const file = join(mkdtempSync(join(tmpdir(), 'tern-bench-precopy-')), 'memcheck.status');
-  // A full verifier sweep is ≈ 1 ms rest per 4 MiB plus reading: allow generously for 4 GiB.
-  const sweepMs = 2000 + mib * 8;
-  const wl = await lab.startDaemon('hostA', [memcheck, '--status', file, '--mib', String(mib), '--write-rate', String(RATE), '--threads', 'none']);
-  let onB = false;
-  try {
-    await waitStatus(file, `memcheck ${mib} MiB first sweep`, (s) => Number(s.sweeps) >= 1, 30_000 + sweepMs * 3);
-    await sleep(1000); // the writer at its steady rate
-    const restoreBefore = await restoreSecondsSum(lab);
-    const r = await lab.run('client', [process.execPath, cli, '--lab', lab.name, '--from', 'hostA', '--to', 'hostB', '--pid', String(wl.pid), '--mode', mode, '--json'], { timeoutMs: 600_000 });
-    let doc = null;
-    try {
-      doc = JSON.parse(r.stdout);
-    } catch {}
-    const rec = doc?.migration;
-    if (r.code !== 0 || rec?.state !== 'done') throw new Error(`${mode} ${mib} MiB: migrate exit ${r.code}, state ${rec?.state}: ${JSON.stringify(rec?.failure ?? null)} ${r.stderr.slice(-500)}`);
-    onB = true;
-    const restoreAfter = await restoreSecondsSum(lab);
-    const events = doc.events ?? [];
-    const resident = Number(/(\d+) bytes resident/.exec(events.find((e) => /bytes resident/.test(e.message))?.message ?? '')?.[1]);
-    const frozen = /sent (\d+) bytes in ([\d.]+) ms frozen/.exec(events.find((e) => /ms frozen/.test(e.message))?.message ?? '');
-    const tPrecopy = at(events, (e) => e.type === 'phase' && e.state === 'precopy');
-    const tSwitch = at(events, (e) => e.type === 'phase' && e.state === 'switchover');
-    const tRestore = at(events, (e) => e.type === 'phase' && e.state === 'restoring');
-    const tCommit = at(events, (e) => /commit point passed/.test(e.message));
-
-    // Correct or worthless: the moved memcheck verifies its whole region twice more on hostB.
-    const moved = status(file);
-    const after = await waitStatus(file, `${mode} ${mib} MiB: two more sweeps on hostB`, (s) => Number(s.sweeps) >= Number(moved.sweeps) + 2 || s.errors !== '0', 30_000 + sweepMs * 4);
-    if (after.errors !== '0') throw new Error(`${mode} ${mib} MiB: memcheck on hostB reports errors=${after.errors} (${after.lasterror})`);
-    const there = await lab.run('hostB', ['sh', '-c', `test -d /proc/${wl.pid} && grep -q memcheck /proc/${wl.pid}/comm`]);
-    if (there.code !== 0) throw new Error(`${mode} ${mib} MiB: pid ${wl.pid} does not run on hostB`);
-    const s = rec.stats;
-    return {
-      downtimeMs: s.downtimeMs,
-      frozenMs: frozen ? Number(frozen[2]) : NaN,
-      frozenBytes: frozen ? Number(frozen[1]) : NaN,
-      restoreEngineMs: (restoreAfter - restoreBefore) * 1000,
-      restoreLegMs: tCommit - tRestore,
-      precopyMs: tSwitch - tPrecopy,
-      totalMs: s.totalMs,
-      rounds: s.rounds,
-      bytes: s.bytes,
-      resident,
-      bytesPerResident: s.bytes / resident,
-      writeMbps: Number(moved.write_mbps),
-    };
-  } finally {
-    // Only the memcheck this run started, by its pid in the host it is in now; wait until its
-    // memory is given back before the next migration.
-    const host = onB ? 'hostB' : 'hostA';
-    await lab.run(host, ['sh', '-c', `kill -9 ${wl.pid} 2>/dev/null; for i in $(seq 300); do test -d /proc/${wl.pid} || exit 0; sleep 0.05; done`]).catch(() => {});
-    if (onB) await lab.run('hostA', ['sh', '-c', `kill -9 ${wl.pid} 2>/dev/null; true`]).catch(() => {}); // (gone after a done migration)
-    rmSync(dirname(file), { recursive: true, force: true });
-  }
+  let restoreBefore = NaN;
+  let restoreAfter = NaN;
+  const { rec, events, resident, moved } = await moveMemcheck(lab, {
+    mib,
+    rate: RATE,
+    mode,
+    measure: async (phase) => {
+      if (phase === 'before') restoreBefore = await restoreSecondsSum(lab);
+      else restoreAfter = await restoreSecondsSum(lab);
+    },
+  });
+  const frozen = /sent (\d+) bytes in ([\d.]+) ms frozen/.exec(events.find((e) => /ms frozen/.test(e.message))?.message ?? '');
+  const tPrecopy = at(events, (e) => e.type === 'phase' && e.state === 'precopy');
+  const tSwitch = at(events, (e) => e.type === 'phase' && e.state === 'switchover');
+  const tRestore = at(events, (e) => e.type === 'phase' && e.state === 'restoring');
+  const tCommit = at(events, (e) => /commit point passed/.test(e.message));
+  const s = rec.stats;
+  return {
+    downtimeMs: s.downtimeMs,
+    frozenMs: frozen ? Number(frozen[2]) : NaN,
+    frozenBytes: frozen ? Number(frozen[1]) : NaN,
+    restoreEngineMs: (restoreAfter - restoreBefore) * 1000,
+    restoreLegMs: tCommit - tRestore,
+    precopyMs: tSwitch - tPrecopy,
+    totalMs: s.totalMs,
+    rounds: s.rounds,
+    bytes: s.bytes,
+    resident,
+    bytesPerResident: s.bytes / resident,
+    writeMbps: Number(moved.write_mbps),
+  };
 }
 
 async function coldVsPrecopy() {
@@ -174,14 +127,6 @@ async function coldVsPrecopy() {
 
 // ------------------------------------------------------------------------ dirty-scan cost
 
-/** memcheck under a `setsid sh` that reaps it (not our child: the engine refuses those). */
-async function startHostMemcheck(mib, rate, file) {
-  rmSync(file, { force: true });
-  spawnSync('setsid', ['-f', 'sh', '-c', `${memcheck} --status ${file} --mib ${mib} --write-rate ${rate} --threads none >/dev/null 2>&1; true`], { stdio: 'ignore' });
-  const s = await waitStatus(file, `memcheck ${mib} MiB first sweep`, (st) => Number(st.sweeps) >= 1, 60_000);
-  return Number(s.pid);
-}
-
 /**
  * One tracked 1 GiB memcheck dirtying at `rate`: round 0 (the full pass), one catch-up round, then
  * `rounds` rounds each `pauseMs` after the last. Returns the measured rounds' scan ns and dirty pages.
@@ -189,7 +134,7 @@ async function startHostMemcheck(mib, rate, file) {
 async function scanSeries(mib, rate, pauseMs, rounds) {
   const dir = mkdtempSync(join(tmpdir(), 'tern-bench-scan-'));
   const file = join(dir, 'memcheck.status');
-  const pid = await startHostMemcheck(mib, rate, file);
+  const { pid } = await startHostMemcheck(mib, rate, file);
   const creds = newPageCredentials();
   const server = await PageServer.start({ address: '127.0.0.1', ...creds });
   const dest = { address: '127.0.0.1', port: server.port, ...creds };
