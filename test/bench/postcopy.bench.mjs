@@ -31,7 +31,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Lab } from '@tern/lab';
 import { row, median } from './stats.mjs';
-import { agentMetrics, memcheck, moveMemcheck, sleep, startHostMemcheck, status } from './lab-runs.mjs';
+import { agentMetrics, moveMemcheck, sleep, startHostMemcheck, status } from './lab-runs.mjs';
 
 export const name = 'postcopy';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
