@@ -4,7 +4,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 use tern_core::dump::SourceSession;
@@ -37,32 +37,20 @@ fn spawn(name: &str, mib: u32, threads: u32) -> Fixture {
     let mapfile = dir.join(format!("{name}.map"));
     let content: Vec<u8> = (0..4 * 4096u32).map(|j| (j.wrapping_mul(7)) as u8).collect();
     std::fs::write(&mapfile, content).unwrap();
-    let _ = std::fs::remove_file(&status);
-    let child = Command::new(fixture_bin())
-        .arg(&status)
-        .arg(mib.to_string())
-        .arg(threads.to_string())
-        .arg(&mapfile)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let f = Fixture {
-        proc: Proc {
-            pid: child.id() as i32,
-        },
-        status,
-        mapfile,
-    };
-    std::mem::forget(child); // reaped by Proc
-    f.wait_for(|s| num(s, "tick") >= 20, "the fixture to start");
-    f
+    let mut cmd = Command::new(fixture_bin());
+    cmd.arg(&status).arg(mib.to_string()).arg(threads.to_string()).arg(&mapfile);
+    Fixture::start(cmd, status, mapfile, |s| num(s, "tick") >= 20, "the fixture to start")
 }
 
 use support::num;
 
 impl Fixture {
+    /// Starts `cmd`, which writes `status`, and waits until it is `ready`.
+    fn start(mut cmd: Command, status: PathBuf, mapfile: PathBuf, ready: impl Fn(&HashMap<String, String>) -> bool, what: &str) -> Fixture {
+        let (proc, _) = support::start_with_status(&mut cmd, &status, ready, what, Duration::from_secs(20));
+        Fixture { proc, status, mapfile }
+    }
+
     fn status(&self) -> HashMap<String, String> {
         support::read_status(&self.status)
     }
@@ -236,26 +224,9 @@ fn workload(name: &str) -> PathBuf {
 fn spawn_workload(name: &str, args: &[&str]) -> Fixture {
     let dir = tmp();
     let status = dir.join(format!("wl-{name}.status"));
-    let _ = std::fs::remove_file(&status);
-    let child = Command::new(workload(name))
-        .arg("--status")
-        .arg(&status)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let f = Fixture {
-        proc: Proc {
-            pid: child.id() as i32,
-        },
-        status,
-        mapfile: PathBuf::new(),
-    };
-    std::mem::forget(child);
-    f.wait_for(|s| num(s, "tick") >= 20 && s.get("phase").is_some_and(|p| p == "running"), name);
-    f
+    let mut cmd = Command::new(workload(name));
+    cmd.arg("--status").arg(&status).args(args);
+    Fixture::start(cmd, status, PathBuf::new(), |s| num(s, "tick") >= 20 && s.get("phase").is_some_and(|p| p == "running"), name)
 }
 
 #[test]

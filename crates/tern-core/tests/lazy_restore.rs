@@ -7,7 +7,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tern_core::dump::SourceSession;
@@ -45,12 +45,8 @@ use support::{num, read_status};
 
 impl Workload {
     fn spawn(mut cmd: Command, status: PathBuf, ready: impl Fn(&HashMap<String, String>) -> bool) -> Workload {
-        let _ = std::fs::remove_file(&status);
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        let w = Workload { proc: Proc { pid: child.id() as i32 }, status };
-        std::mem::forget(child); // reaped by Proc
-        w.wait_for(ready, "the workload to start");
-        w
+        let (proc, _) = support::start_with_status(&mut cmd, &status, ready, "the workload to start", Duration::from_secs(60));
+        Workload { proc, status }
     }
 
     fn status(&self) -> HashMap<String, String> {
@@ -99,25 +95,7 @@ fn migrate(raw_pid: i32, lazy: bool) -> (RestoredProcess, Option<LazyHandle>) {
 }
 
 fn print_stats(what: &str, s: &LazyStats) {
-    eprintln!(
-        "{what}: {:?}; faults {} ({} data pages, {} zero), background {} pages, dropped {}, retries {}, \
-         events fork/remap/remove/unmap {}/{}/{}/{}; fault service p50 {:.1} µs p99 {:.1} µs max {:.1} µs; home in {:.1} ms",
-        s.state,
-        s.faults,
-        s.fault_pages,
-        s.zero_pages,
-        s.background_pages,
-        s.dropped_pages,
-        s.retries,
-        s.events_fork,
-        s.events_remap,
-        s.events_remove,
-        s.events_unmap,
-        s.fault_p50_ns as f64 / 1e3,
-        s.fault_p99_ns as f64 / 1e3,
-        s.fault_max_ns as f64 / 1e3,
-        s.home_ns.unwrap_or(0) as f64 / 1e6
-    );
+    eprintln!("{what}: {}", support::lazy_summary(s));
 }
 
 fn memcheck(name: &str, mib: u32, extra: &[&str]) -> Workload {

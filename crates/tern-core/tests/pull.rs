@@ -10,7 +10,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -50,25 +50,7 @@ impl Frozen {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let status = dir.join(format!("f{n}.status"));
         let trigger = dir.join(format!("f{n}.never")); // never created: the fixture waits forever
-        let _ = std::fs::remove_file(&status);
-        let child = Command::new(fixture_bin())
-            .arg(&status)
-            .arg(&trigger)
-            .arg(mib.to_string())
-            .arg("discard")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the fixture");
-        let proc = support::OwnedProc { pid: child.id() as i32 };
-        std::mem::forget(child); // reaped by OwnedProc
-        let s = support::wait_for_status(
-            &status,
-            |s| s.get("phase").is_some_and(|p| p == "ready"),
-            "the fixture to fill its region",
-            Duration::from_secs(60),
-        );
+        let (proc, s) = start_fixture(&status, &trigger, mib);
         let region = u64::from_str_radix(s["region"].trim_start_matches("0x"), 16).expect("region address");
         assert_eq!(support::num(&s, "pages"), mib * 256);
         // SAFETY: stopping a process this test started, by its pid.
@@ -100,6 +82,19 @@ impl Frozen {
     }
 }
 
+/// Starts tests/lazy/fixture.c in its "discard" mode with a region of `mib` MiB and waits until it
+/// has filled it; it changes its memory once `trigger` exists.
+fn start_fixture(status: &Path, trigger: &Path, mib: u64) -> (support::OwnedProc, support::Status) {
+    let mut cmd = Command::new(fixture_bin());
+    cmd.arg(status).arg(trigger).arg(mib.to_string()).arg("discard");
+    support::start_with_status(&mut cmd, status, phase("ready"), "the fixture to fill its region", Duration::from_secs(60))
+}
+
+/// A status check: the fixture reports phase `p`.
+fn phase(p: &'static str) -> impl Fn(&support::Status) -> bool {
+    move |s| s.get("phase").is_some_and(|x| x == p)
+}
+
 /// The fixture's pattern (tests/lazy/fixture.c `word`).
 fn word(page: u64, j: u64) -> u64 {
     page.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ j.wrapping_mul(0x100_0000_01b3) ^ 0x5a5a
@@ -120,12 +115,37 @@ fn lo() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-fn serve(f: &Frozen, e: &Expected, opts: SourceServerOptions) -> PageSourceServer {
-    PageSourceServer::bind(lo(), e.clone(), f.pid(), f.extents(), opts).unwrap()
+/// A test's stage: the serial lock held, a frozen fixture of `mib` MiB, and a page source serving
+/// its region to the migration `e`.
+fn stage(mib: u64, opts: SourceServerOptions) -> (MutexGuard<'static, ()>, Frozen, Expected, PageSourceServer) {
+    let g = serial();
+    let f = Frozen::start(mib);
+    let e = expected();
+    let server = PageSourceServer::bind(lo(), e.clone(), f.pid(), f.extents(), opts).unwrap();
+    (g, f, e, server)
 }
 
 fn connect(addr: SocketAddr, e: &Expected, f: &Frozen, opts: PullOptions) -> Arc<RemotePages> {
     RemotePages::connect(addr, e.migration_id, e.token.clone(), f.extents(), opts).unwrap()
+}
+
+/// `[addr, addr + len)` through with_data (as many calls as it takes), copied into `dest`
+/// (offsets from `base`).
+fn fetch(src: &RemotePages, base: u64, addr: u64, len: u64, dest: &mut [u8]) {
+    let mut done = 0u64;
+    while done < len {
+        let at = addr + done;
+        let mut n = 0;
+        let had = src
+            .with_data(at, len - done, &mut |d| {
+                let off = (at - base) as usize;
+                dest[off..off + d.len()].copy_from_slice(d);
+                n = d.len() as u64;
+            })
+            .unwrap();
+        assert!(had && n > 0);
+        done += n;
+    }
 }
 
 /// The lazy thread's background loop, copying into `dest` (offsets from `base`): until nothing
@@ -137,20 +157,7 @@ fn drain_prefetch(src: &RemotePages, base: u64, dest: &mut [u8], mut on_chunk: i
         match src.next_ready() {
             Ready::At { addr, len } => {
                 on_chunk(addr);
-                let mut done = 0u64;
-                while done < len {
-                    let at = addr + done;
-                    let mut n = 0;
-                    let had = src
-                        .with_data(at, len - done, &mut |d| {
-                            let off = (at - base) as usize;
-                            dest[off..off + d.len()].copy_from_slice(d);
-                            n = d.len() as u64;
-                        })
-                        .unwrap();
-                    assert!(had && n > 0);
-                    done += n;
-                }
+                fetch(src, base, addr, len, dest);
                 src.consumed(addr, len);
                 chunks += 1;
             }
@@ -167,41 +174,42 @@ fn assert_same(got: &[u8], want: &[u8], base: u64) {
     }
 }
 
+/// The whole region through the prefetch path, into a fresh buffer, checked against `want`.
+/// Returns the number of chunks taken.
+fn prefetch_all(src: &RemotePages, f: &Frozen, want: &[u8], on_chunk: impl FnMut(u64)) -> usize {
+    let mut got = vec![0u8; f.len as usize];
+    let chunks = drain_prefetch(src, f.region, &mut got, on_chunk);
+    assert_same(&got, want, f.region);
+    chunks
+}
+
+/// Waits (at most 3 s) until the server has no connection open.
+fn wait_all_closed(server: &PageSourceServer) {
+    let t0 = Instant::now();
+    while server.stats().active_connections > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(3), "connections left open: {:?}", server.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn every_page_arrives_by_fault_and_by_prefetch() {
-    let _g = serial();
-    let f = Frozen::start(32);
+    let (_g, f, e, server) = stage(32, SourceServerOptions::default());
     let want = f.read_all();
     for p in [0, 1, 4095, 8191] {
         check_pattern(p, &want[(p * P) as usize..((p + 1) * P) as usize]);
     }
-    let e = expected();
-    let server = serve(&f, &e, SourceServerOptions::default());
+
+    let pull = |opts| connect(server.local_addr(), &e, &f, opts);
 
     // Fault path only: a bandwidth of 1 byte/s lets one background request through, no more.
-    let faults = connect(
-        server.local_addr(),
-        &e,
-        &f,
-        PullOptions { bandwidth: Some(1), request_bytes: 64 << 10, ..PullOptions::default() },
-    );
+    let faults = pull(PullOptions { bandwidth: Some(1), request_bytes: 64 << 10, ..PullOptions::default() });
     let mut got = vec![0u8; f.len as usize];
     let windows = f.len / (64 << 10);
     // A scattered order (a stride coprime to the window count), like faults of a running process.
     for k in 0..windows {
         let w = (k * 97) % windows;
-        let addr = f.region + w * (64 << 10);
-        let mut done = 0;
-        while done < 64 << 10 {
-            let at = addr + done;
-            assert!(faults
-                .with_data(at, (64 << 10) - done, &mut |d| {
-                    let off = (at - f.region) as usize;
-                    got[off..off + d.len()].copy_from_slice(d);
-                    done += d.len() as u64;
-                })
-                .unwrap());
-        }
+        fetch(&faults, f.region, f.region + w * (64 << 10), 64 << 10, &mut got);
     }
     assert_same(&got, &want, f.region);
     // A partial page window in the middle of a page-aligned run, and a length that is not a page
@@ -214,29 +222,15 @@ fn every_page_arrives_by_fault_and_by_prefetch() {
     assert!(!faults.with_data(f.region - P, P, &mut |_| panic!("no data outside")).unwrap());
     assert_eq!(faults.data_extents(0, u64::MAX >> 1), vec![(f.region, f.len)]);
     let s = faults.remote_stats().unwrap();
-    eprintln!(
-        "fault path: {} requests, {} pages; round trip p50 {:.1} µs p99 {:.1} µs; {} pages prefetched",
-        s.fault_requests,
-        s.fault_pages,
-        s.request_p50_ns as f64 / 1e3,
-        s.request_p99_ns as f64 / 1e3,
-        s.prefetch_pages
-    );
+    eprintln!("fault path: {}", support::remote_summary(&s));
     assert!(s.fault_requests >= windows - 1, "{s:?}");
     assert!(s.prefetch_pages <= 16, "the bucket let through more than one request: {s:?}");
     assert_eq!((s.state, s.reconnects), (RemoteState::Connected, 0));
     drop(faults);
 
     // Prefetch path: everything, in arrival order, through the arrived buffer.
-    let pre = connect(
-        server.local_addr(),
-        &e,
-        &f,
-        PullOptions { request_bytes: 256 << 10, prefetch_bytes: 2 << 20, ..PullOptions::default() },
-    );
-    let mut got = vec![0u8; f.len as usize];
-    let chunks = drain_prefetch(&pre, f.region, &mut got, |_| {});
-    assert_same(&got, &want, f.region);
+    let pre = pull(PullOptions { request_bytes: 256 << 10, prefetch_bytes: 2 << 20, ..PullOptions::default() });
+    let chunks = prefetch_all(&pre, &f, &want, |_| {});
     let s = pre.remote_stats().unwrap();
     assert_eq!(s.prefetch_pages, f.len / P, "{s:?}");
     assert_eq!((s.fault_requests, s.arrived_bytes, s.inflight_bytes, s.unrequested_bytes), (0, 0, 0, 0), "{s:?}");
@@ -244,29 +238,18 @@ fn every_page_arrives_by_fault_and_by_prefetch() {
     drop(pre);
 
     // The walk jumps to just after a fault, then wraps to what it skipped.
-    let jump = connect(
-        server.local_addr(),
-        &e,
-        &f,
-        PullOptions { request_bytes: 64 << 10, prefetch_bytes: 256 << 10, ..PullOptions::default() },
-    );
+    let jump = pull(PullOptions { request_bytes: 64 << 10, prefetch_bytes: 256 << 10, ..PullOptions::default() });
     let fault_at = f.region + 20 * (1 << 20) + 5 * P;
     jump.faulted(fault_at);
     let mut order = Vec::new();
-    let mut got = vec![0u8; f.len as usize];
-    drain_prefetch(&jump, f.region, &mut got, |a| order.push(a));
-    assert_same(&got, &want, f.region);
+    prefetch_all(&jump, &f, &want, |a| order.push(a));
     let first_after = order.iter().position(|&a| a == fault_at + P).expect("a chunk right after the fault");
     assert!(first_after <= 5, "the walk did not jump: {:x?}", &order[..8]);
     assert!(order[first_after..].iter().any(|&a| a == f.region + (1 << 20)), "the walk did not wrap");
     drop(jump);
 
     // Dropping the last Arc closed its connections.
-    let t0 = Instant::now();
-    while server.stats().active_connections > 0 {
-        assert!(t0.elapsed() < Duration::from_secs(3), "connections left open: {:?}", server.stats());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_all_closed(&server);
     let st = server.stats();
     eprintln!("source: {st:?}");
     assert_eq!((st.connections, st.rejected, st.refused_requests), (6, 0, 0));
@@ -309,10 +292,7 @@ fn header(kind: u8, page_count: u32, vaddr: u64) -> [u8; 24] {
 
 #[test]
 fn strangers_and_requests_outside_the_extents_are_refused() {
-    let _g = serial();
-    let f = Frozen::start(4);
-    let e = expected();
-    let server = serve(&f, &e, SourceServerOptions { max_connections: 2, ..SourceServerOptions::default() });
+    let (_g, f, e, server) = stage(4, SourceServerOptions { max_connections: 2, ..SourceServerOptions::default() });
     let addr = server.local_addr();
     let quick = PullOptions { connect_timeout: Duration::from_secs(2), ..PullOptions::default() };
 
@@ -461,11 +441,8 @@ impl Drop for Proxy {
 
 #[test]
 fn a_cut_connection_is_recovered_without_losing_a_page() {
-    let _g = serial();
-    let f = Frozen::start(32);
+    let (_g, f, e, server) = stage(32, SourceServerOptions::default());
     let want = f.read_all();
-    let e = expected();
-    let server = serve(&f, &e, SourceServerOptions::default());
     let proxy = Arc::new(Proxy::start(server.local_addr()));
     let opts = PullOptions {
         connect_timeout: Duration::from_secs(1),
@@ -477,20 +454,7 @@ fn a_cut_connection_is_recovered_without_losing_a_page() {
     };
     let src = connect(proxy.addr, &e, &f, opts);
     let mut got = vec![0u8; f.len as usize];
-    let fetch = |src: &RemotePages, addr: u64, len: u64, got: &mut [u8]| {
-        let mut done = 0;
-        while done < len {
-            let at = addr + done;
-            assert!(src
-                .with_data(at, len - done, &mut |d| {
-                    let off = (at - f.region) as usize;
-                    got[off..off + d.len()].copy_from_slice(d);
-                    done += d.len() as u64;
-                })
-                .unwrap());
-        }
-    };
-    fetch(&src, f.region + (8 << 20), 64 << 10, &mut got);
+    fetch(&src, f.region, f.region + (8 << 20), 64 << 10, &mut got);
     // Let the background fill its window, and take one chunk so it has requests in flight.
     std::thread::sleep(Duration::from_millis(100));
 
@@ -503,7 +467,7 @@ fn a_cut_connection_is_recovered_without_losing_a_page() {
     });
     // A fault during the cut: blocks, then completes with the right data.
     let far = f.region + (30 << 20);
-    fetch(&src, far, 64 << 10, &mut got);
+    fetch(&src, f.region, far, 64 << 10, &mut got);
     let waited = cut_at.elapsed();
     assert!(waited >= Duration::from_millis(1900), "with_data returned during the cut ({waited:?})");
     assert!(waited < Duration::from_secs(5), "with_data took {waited:?} after a 2 s cut");
@@ -515,7 +479,7 @@ fn a_cut_connection_is_recovered_without_losing_a_page() {
     drain_prefetch(&src, f.region, &mut got, |_| {});
     // What the prefetch skipped because the faults fetched it: fetch it the way the lazy thread
     // would (its pending pages), then compare everything.
-    fetch(&src, f.region + (8 << 20), 64 << 10, &mut got);
+    fetch(&src, f.region, f.region + (8 << 20), 64 << 10, &mut got);
     assert_same(&got, &want, f.region);
     let s = src.remote_stats().unwrap();
     eprintln!(
@@ -536,10 +500,7 @@ fn a_cut_connection_is_recovered_without_losing_a_page() {
 
 #[test]
 fn a_source_gone_for_good_is_a_loud_error() {
-    let _g = serial();
-    let f = Frozen::start(4);
-    let e = expected();
-    let server = serve(&f, &e, SourceServerOptions::default());
+    let (_g, f, e, server) = stage(4, SourceServerOptions::default());
     let opts = PullOptions {
         connect_timeout: Duration::from_millis(500),
         give_up_after: Duration::from_secs(1),
@@ -651,23 +612,9 @@ fn a_restored_process_runs_on_pulled_pages() {
     let dir = support::scratch_dir("pull");
     let status = dir.join("e2e.status");
     let trigger = dir.join("e2e.go");
-    let _ = std::fs::remove_file(&status);
     let _ = std::fs::remove_file(&trigger);
     let _ = std::fs::remove_file(dir.join("e2e.go.2"));
-    let child = Command::new(fixture_bin())
-        .arg(&status)
-        .arg(&trigger)
-        .arg("64")
-        .arg("discard")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let proc = support::OwnedProc { pid: child.id() as i32 };
-    std::mem::forget(child);
-    let phase = |p: &'static str| move |s: &support::Status| s.get("phase").is_some_and(|x| x == p);
-    support::wait_for_status(&status, phase("ready"), "the fixture to start", Duration::from_secs(60));
+    let (proc, _) = start_fixture(&status, &trigger, 64);
     let pid = Pid::new(proc.pid).unwrap();
 
     let session = SourceSession::freeze(pid).unwrap();
@@ -704,33 +651,12 @@ fn a_restored_process_runs_on_pulled_pages() {
     let ls = handle.wait(Duration::from_secs(60)).unwrap();
     assert_eq!(ls.state, LazyState::Homed);
     let rs = ls.remote.clone().expect("remote stats");
-    eprintln!(
-        "restored on pulled pages ({} left on the source): faults {} (service p50 {:.1} µs p99 {:.1} µs), background {} pages, dropped {}, \
-         events remove/unmap/remap {}/{}/{}; remote: {} fault requests (round trip p50 {:.1} µs p99 {:.1} µs), {} pages prefetched, home in {:.1} ms",
-        stats.remote_pages,
-        ls.faults,
-        ls.fault_p50_ns as f64 / 1e3,
-        ls.fault_p99_ns as f64 / 1e3,
-        ls.background_pages,
-        ls.dropped_pages,
-        ls.events_remove,
-        ls.events_unmap,
-        ls.events_remap,
-        rs.fault_requests,
-        rs.request_p50_ns as f64 / 1e3,
-        rs.request_p99_ns as f64 / 1e3,
-        rs.prefetch_pages,
-        ls.home_ns.unwrap_or(0) as f64 / 1e6
-    );
+    eprintln!("restored on pulled pages ({} left on the source): {}", stats.remote_pages, support::lazy_summary(&ls));
     assert!(rs.fault_requests + rs.prefetch_pages > 0, "{rs:?}");
     std::fs::write(dir.join("e2e.go.2"), b"").unwrap();
     support::wait_for_status(&status, phase("verified"), "the fixture to verify after homing", Duration::from_secs(60));
     // The lazy thread dropped its source: both connections are closed.
-    let t0 = Instant::now();
-    while server.stats().active_connections > 0 {
-        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", server.stats());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_all_closed(&server);
     server.shutdown();
     drop(stand);
 }
@@ -773,11 +699,8 @@ fn unreadable_and_untouched_pages_are_served() {
 /// `bandwidth` paces the background pull; faults go at once.
 #[test]
 fn bandwidth_limits_the_background_only() {
-    let _g = serial();
-    let f = Frozen::start(8);
+    let (_g, f, e, server) = stage(8, SourceServerOptions::default());
     let want = f.read_all();
-    let e = expected();
-    let server = serve(&f, &e, SourceServerOptions::default());
     let rate = 16u64 << 20;
     let src = connect(
         server.local_addr(),

@@ -24,41 +24,36 @@ use neon::prelude::*;
 use neon::types::extract::{Boxed, Buffer, Error, Json};
 use serde::{Deserialize, Serialize};
 use tern_core::dump::{decide, PagePolicy, PrecopyOptions, PrecopySession, RoundStats, SourceSession, Verdict};
-use tern_core::pages::{MigrationId, PageSender, PageSink, SendError, SenderOptions, Token, TransferStats};
+use tern_core::pages::{PageSender, PageSink, SendError, SenderOptions, TransferStats};
 use tern_core::sys::Pid;
 
-use crate::pull::{PageSourceSlot, ServeLazy};
-use crate::{engine_err, refuse_node_child, socket_addr, to_pid, DumpOutcome};
+use crate::pull::{PageEndpoint, PageSourceSlot, ServeLazy};
+use crate::{engine_err, refuse_node_child, to_pid, DumpOutcome};
 
-/// Where a round's pages go: the destination's page server and this migration's credentials.
+/// Where a round's pages go: the destination's page server and this migration's credentials
+/// (with a cap for this stream on the wire).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct Destination {
-    address: String,
-    port: f64,
-    migration_id: String,
-    token: String,
-    /// Cap for this stream on the wire; absent, null or ≤ 0: unlimited.
-    #[serde(default)]
-    bandwidth_bytes_per_sec: Option<f64>,
+#[serde(try_from = "PageEndpoint")]
+pub(crate) struct Destination(PageEndpoint);
+
+impl TryFrom<PageEndpoint> for Destination {
+    type Error = &'static str;
+
+    fn try_from(endpoint: PageEndpoint) -> Result<Destination, Self::Error> {
+        // A page stream has no pull to give up: refused as the unknown field it is here.
+        if endpoint.give_up_after_ms.is_some() {
+            return Err("unknown field `giveUpAfterMs`, expected one of `address`, `port`, `migrationId`, `token`, `bandwidthBytesPerSec`");
+        }
+        Ok(Destination(endpoint))
+    }
 }
 
 impl Destination {
     /// Connects one page stream (hello answered OK) with the destination's bandwidth cap.
     fn connect(&self) -> Result<PageSender, Error> {
-        let limit = self.bandwidth_bytes_per_sec.filter(|b| b.is_finite() && *b > 0.0);
-        let options = SenderOptions {
-            // At least one byte per second: a cap of 0.3 B/s still means "capped", not "unlimited".
-            bandwidth_limit_bytes_per_sec: limit.map(|b| (b as u64).max(1)),
-            ..SenderOptions::default()
-        };
-        PageSender::connect(
-            socket_addr(&self.address, self.port)?,
-            MigrationId::from_hex(&self.migration_id).map_err(engine_err)?,
-            Token::from_hex(&self.token).map_err(engine_err)?,
-            options,
-        )
-        .map_err(chain_err)
+        let options = SenderOptions { bandwidth_limit_bytes_per_sec: self.0.bandwidth(), ..SenderOptions::default() };
+        let (addr, e) = self.0.parse()?;
+        PageSender::connect(addr, e.migration_id, e.token, options).map_err(chain_err)
     }
 }
 
@@ -376,7 +371,7 @@ fn precopy_finish(
         }
     };
     let page_source = match &lazy {
-        Some(serve) => match handle.0.page_source.start(serve, handle.0.pid, &fin.image, &destination.migration_id, &destination.token) {
+        Some(serve) => match handle.0.page_source.start(serve, handle.0.pid, &fin.image, &destination.0.migration_id, &destination.0.token) {
             Ok(info) => Some(info),
             Err(err) => {
                 return Err(match fin.session.abort() {
@@ -535,7 +530,13 @@ mod tests {
             r#"{"address":"127.0.0.1","port":7000,"migrationId":"00","token":"11","bandwidthBytesPerSec":null}"#,
         )
         .unwrap();
-        assert_eq!(dest.bandwidth_bytes_per_sec, None);
+        assert_eq!(dest.0.bandwidth(), None);
+        // The pull's give-up time is no field of a page stream's destination, not even as null.
+        for extra in [r#","giveUpAfterMs":5000"#, r#","giveUpAfterMs":null"#, r#","nonsense":1"#] {
+            let json = format!(r#"{{"address":"127.0.0.1","port":7000,"migrationId":"00","token":"11"{extra}}}"#);
+            let err = serde_json::from_str::<Destination>(&json).expect_err(&json).to_string();
+            assert!(err.contains("unknown field"), "{err}");
+        }
         let s: Option<StartOptions> = serde_json::from_str("null").unwrap();
         assert!(s.is_none());
         let s: StartOptions = serde_json::from_str(r#"{"fixedCostNs":5000000}"#).unwrap();

@@ -9,9 +9,13 @@
 //! - [`wire`]: the TERN page stream format and its validating decoder.
 //! - [`sender`]: the source side (batched, corked, vectored writes; bandwidth limit).
 //! - [`server`]: the destination side (own threads; stages per connection, commits on END).
+//! - [`pull`]: post-copy: the source serves the pages it kept, the destination pulls them.
+//! - `net`: the accept side (listener, hello check, connection slots) and abortive close that
+//!   the page server and the page source share.
 //! - [`bench`]: page stream vs plain TCP throughput over loopback.
 
 pub mod bench;
+mod net;
 pub mod pull;
 pub mod sender;
 pub mod server;

@@ -96,33 +96,32 @@
 //!   not change, so any copy of a page is as good as another: a connection can be dropped at any
 //!   time and what was outstanding simply asked for again. [`RemotePages::redirect`] points later
 //!   reconnects at a new address (a page source restarted elsewhere).
-//! - **Abortive close on the source** (as in server.rs): when a connection is ended because of an
-//!   error the source writes STATUS, half-closes, drains briefly and closes with SO_LINGER 0, so
-//!   the destination learns at once instead of waiting on a silent window.
+//! - **Abortive close on the source** (as in server.rs; both use net.rs): when a connection is
+//!   ended because of an error the source writes STATUS, half-closes, drains briefly and closes
+//!   with SO_LINGER 0, so the destination learns at once instead of waiting on a silent window.
 //! - **The source reads the frozen process directly** (no page store on the source): the pages
 //!   are already in memory, process_vm_readv runs at ~4 GB/s, and nothing is copied twice.
 
+use super::net::{self, accept_hello, bump, lock, Acceptor, Gate, Serve, StartError};
 use super::server::Expected;
 use super::store::USER_ADDR_LIMIT;
 use super::wire::{
-    self, ct_eq, decode_hello_reply, encode_hello_reply, EndTotals, Hello, HelloStatus,
-    MigrationId, PageRequest, RecordError, Reply, Status, Token, HELLO_LEN, HELLO_REPLY_LEN,
-    HEADER_LEN, MAX_DATA_PAGES,
+    self, decode_hello_reply, EndTotals, Hello, HelloStatus, MigrationId, PageRequest, RecordError, Reply, Status, Token,
+    HELLO_LEN, HELLO_REPLY_LEN, HEADER_LEN, MAX_DATA_PAGES,
 };
 use super::PAGE_SIZE;
 use crate::dirty::RangeSet;
 use crate::restore::lazy::{percentile, LazySource, LazySourceError, Ready, RemoteProbe};
 use crate::sys::{Errno, Pid};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -134,15 +133,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Fault round-trip samples kept (the most recent ones).
 const MAX_SAMPLES: usize = 8192;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking thread must not take the pull (and the process it feeds) down with it.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
 
 // =============================================================================================
 // Source side
@@ -192,42 +182,46 @@ pub enum PullServeError {
     Setup(std::io::Error),
 }
 
+/// The request counters (connections accepted and rejected are the gate's).
 #[derive(Debug, Default)]
 struct SrcCounters {
-    connections: AtomicU64,
-    rejected: AtomicU64,
     requests: AtomicU64,
     pages: AtomicU64,
     bytes: AtomicU64,
     refused: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct SrcConns {
-    /// A clone of every live connection (to shut it on shutdown).
-    socks: HashMap<u64, TcpStream>,
-    threads: Vec<JoinHandle<()>>,
-}
-
 #[derive(Debug)]
 struct SrcShared {
-    expected: Expected,
+    gate: Gate,
     pid: Pid,
     extents: RangeSet,
     opts: SourceServerOptions,
-    stop: AtomicBool,
-    conns: Mutex<SrcConns>,
     n: SrcCounters,
+}
+
+impl Serve for SrcShared {
+    const ACCEPT_THREAD: &'static str = "tern-pull-accept";
+    const CONN_THREAD: &'static str = "tern-pull-conn";
+    // Both ways: a thread may be blocked writing a response to a destination that does not read:
+    // only a shut write side wakes it.
+    const TEARDOWN: Shutdown = Shutdown::Both;
+
+    fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    fn serve(&self, sock: TcpStream, _peer: SocketAddr) {
+        src_serve_conn(self, sock);
+    }
 }
 
 /// Serves the pages of `extents` of the frozen process `pid` to pull connections of one
 /// migration. Runs its own threads until `shutdown` (or drop).
 #[derive(Debug)]
 pub struct PageSourceServer {
-    addr: SocketAddr,
     shared: Arc<SrcShared>,
-    wake: OwnedFd,
-    accept: Option<JoinHandle<()>>,
+    acceptor: Acceptor,
 }
 
 impl PageSourceServer {
@@ -240,140 +234,49 @@ impl PageSourceServer {
         extents: RangeSet,
         options: SourceServerOptions,
     ) -> Result<PageSourceServer, PullServeError> {
-        let listener = TcpListener::bind(addr).map_err(|source| PullServeError::Bind { addr, source })?;
-        listener.set_nonblocking(true).map_err(PullServeError::Setup)?;
-        let local = listener.local_addr().map_err(PullServeError::Setup)?;
-        // SAFETY: eventfd takes no pointers; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(PullServeError::Setup(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh eventfd that nothing else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        let wake_raw = wake.as_raw_fd();
         let shared = Arc::new(SrcShared {
-            expected,
+            gate: Gate::new(expected, options.hello_timeout, options.max_connections),
             pid,
             extents,
             opts: options,
-            stop: AtomicBool::new(false),
-            conns: Mutex::new(SrcConns::default()),
             n: SrcCounters::default(),
         });
-        let sh = shared.clone();
-        let accept = std::thread::Builder::new()
-            .name("tern-pull-accept".into())
-            .spawn(move || src_accept_loop(sh, listener, wake_raw))
-            .map_err(PullServeError::Thread)?;
-        Ok(PageSourceServer { addr: local, shared, wake, accept: Some(accept) })
+        let acceptor = Acceptor::start(addr, shared.clone()).map_err(|e| match e {
+            StartError::Bind(source) => PullServeError::Bind { addr, source },
+            StartError::Setup(e) => PullServeError::Setup(e),
+            StartError::Spawn(e) => PullServeError::Thread(e),
+        })?;
+        Ok(PageSourceServer { shared, acceptor })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.acceptor.local_addr()
     }
 
     pub fn stats(&self) -> SourceServeStats {
         let n = &self.shared.n;
+        let gate = &self.shared.gate;
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SourceServeStats {
-            connections: g(&n.connections),
-            rejected: g(&n.rejected),
+            connections: g(&gate.accepted),
+            rejected: g(&gate.rejected),
             requests: g(&n.requests),
             pages: g(&n.pages),
             bytes: g(&n.bytes),
             refused_requests: g(&n.refused),
-            active_connections: lock(&self.shared.conns).socks.len() as u64,
+            active_connections: gate.open_connections() as u64,
         }
     }
 
     /// Stops accepting, closes every connection, joins the threads.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A failure (counter full) is
-        // harmless: the accept thread is already woken.
-        let _ = unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), std::mem::size_of::<u64>()) };
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
-        }
+    pub fn shutdown(self) {
+        self.acceptor.stop(&self.shared.gate);
     }
 }
 
 impl Drop for PageSourceServer {
     fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn src_accept_loop(sh: Arc<SrcShared>, listener: TcpListener, wake: i32) {
-    let mut next_id = 0u64;
-    while !sh.stop.load(Ordering::SeqCst) {
-        let mut fds = [
-            libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: `fds` is a live array of two pollfd and we pass its length.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            break;
-        }
-        if fds[1].revents != 0 || sh.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let (sock, peer) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => {
-                // EMFILE and the like: back off instead of spinning.
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
-        };
-        let mut c = lock(&sh.conns);
-        c.threads.retain(|t| !t.is_finished());
-        if c.socks.len() >= sh.opts.max_connections {
-            drop(c);
-            bump(&sh.n.rejected, 1);
-            let _ = sock.set_nonblocking(true);
-            let _ = (&sock).write(&encode_hello_reply(HelloStatus::Busy));
-            continue;
-        }
-        let Ok(clone) = sock.try_clone() else {
-            continue;
-        };
-        let id = next_id;
-        next_id += 1;
-        c.socks.insert(id, clone);
-        let sh2 = sh.clone();
-        let spawned = std::thread::Builder::new().name("tern-pull-conn".into()).spawn(move || {
-            src_serve_conn(&sh2, sock, peer);
-            lock(&sh2.conns).socks.remove(&id);
-        });
-        match spawned {
-            Ok(h) => c.threads.push(h),
-            Err(_) => {
-                c.socks.remove(&id);
-            }
-        }
-    }
-    // Teardown: shut every connection both ways (a thread may be blocked writing a response to a
-    // destination that does not read: only a shut write side wakes it), then join them.
-    let threads = {
-        let mut c = lock(&sh.conns);
-        for s in c.socks.values() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-        std::mem::take(&mut c.threads)
-    };
-    for t in threads {
-        let _ = t.join();
+        self.acceptor.stop(&self.shared.gate);
     }
 }
 
@@ -387,44 +290,10 @@ enum ConnEnd {
     Refuse(u32),
 }
 
-fn src_serve_conn(sh: &SrcShared, sock: TcpStream, _peer: SocketAddr) {
-    let setup = (|| -> io::Result<()> {
-        sock.set_nonblocking(false)?;
-        sock.set_nodelay(true)?;
-        sock.set_read_timeout(Some(sh.opts.hello_timeout))?;
-        sock.set_write_timeout(Some(sh.opts.hello_timeout))
-    })();
-    let mut hb = [0u8; HELLO_LEN];
-    if setup.is_err() || !matches!(wire::read_full(&mut &sock, &mut hb), Ok(HELLO_LEN)) {
-        bump(&sh.n.rejected, 1);
+fn src_serve_conn(sh: &SrcShared, sock: TcpStream) {
+    if accept_hello(&sh.gate, &sock).is_none() {
         return;
     }
-    let status = match Hello::decode(&hb) {
-        Err(e) => e.status(),
-        Ok(h) => {
-            // Both comparisons always run, each in constant time.
-            let id_ok = ct_eq(&h.migration_id.0, &sh.expected.migration_id.0);
-            let token_ok = h.token.ct_eq(&sh.expected.token);
-            if !id_ok {
-                HelloStatus::UnknownMigration
-            } else if !token_ok {
-                HelloStatus::BadToken
-            } else if sh.stop.load(Ordering::SeqCst) {
-                HelloStatus::ShuttingDown
-            } else {
-                HelloStatus::Ok
-            }
-        }
-    };
-    // Counted before the reply: whoever reads the reply sees the count.
-    if status != HelloStatus::Ok {
-        bump(&sh.n.rejected, 1);
-        let _ = (&sock).write_all(&encode_hello_reply(status));
-        let _ = sock.shutdown(Shutdown::Both);
-        return;
-    }
-    bump(&sh.n.connections, 1);
-    let _ = (&sock).write_all(&encode_hello_reply(status));
     let _ = sock.set_read_timeout(Some(sh.opts.io_timeout));
     let _ = sock.set_write_timeout(Some(sh.opts.io_timeout));
     // Requests are 24 bytes and pipelined: read them in bulk.
@@ -433,13 +302,13 @@ fn src_serve_conn(sh: &SrcShared, sock: TcpStream, _peer: SocketAddr) {
     let mut mem: Option<File> = None;
     let mut served = EndTotals::default();
     let end = loop {
-        if sh.stop.load(Ordering::SeqCst) {
+        if sh.gate.stopping() {
             break ConnEnd::Refuse(wire::status::SHUTTING_DOWN);
         }
         let req = match wire::read_request(&mut rd) {
             Ok(Some(req)) => req,
             Ok(None) => break ConnEnd::Closed,
-            Err(RecordError::Io(_)) | Err(RecordError::Truncated { .. }) if sh.stop.load(Ordering::SeqCst) => {
+            Err(RecordError::Io(_)) | Err(RecordError::Truncated { .. }) if sh.gate.stopping() => {
                 break ConnEnd::Refuse(wire::status::SHUTTING_DOWN)
             }
             Err(RecordError::Io(_)) => break ConnEnd::Broken,
@@ -473,12 +342,9 @@ fn src_serve_conn(sh: &SrcShared, sock: TcpStream, _peer: SocketAddr) {
                 bump(&sh.n.refused, 1);
             }
             let _ = sock.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = (&sock).write_all(&Status { code, totals: served }.encode_record());
             // Let the STATUS reach the destination, then make whatever it still sends meet a RST
-            // (see server.rs: a graceful close could leave it waiting on a silent window).
-            let _ = sock.shutdown(Shutdown::Write);
-            drain(&sock, Duration::from_millis(200));
-            set_abortive_close(&sock);
+            // (see net.rs: a graceful close could leave it waiting on a silent window).
+            net::refuse_and_reset(&sock, Status { code, totals: served });
         }
     }
     let _ = sock.shutdown(Shutdown::Both);
@@ -501,36 +367,6 @@ fn read_pages(pid: Pid, mem: &mut Option<File>, vaddr: u64, out: &mut [u8]) -> i
     }
     let file = mem.as_ref().expect("opened above");
     file.read_exact_at(&mut out[done..], vaddr + done as u64)
-}
-
-/// Makes the last close of `sock` send a RST instead of a FIN (best effort; see server.rs).
-fn set_abortive_close(sock: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-    // SAFETY: passes a pointer to a live `linger` and its exact size for a socket we own; the
-    // kernel only reads it during the call.
-    let _ = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-}
-
-fn drain(sock: &TcpStream, for_: Duration) {
-    let until = Instant::now() + for_;
-    let _ = sock.set_read_timeout(Some(Duration::from_millis(20)));
-    let mut junk = [0u8; 4096];
-    while Instant::now() < until {
-        match (&*sock).read(&mut junk) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
-            Err(_) => return,
-        }
-    }
 }
 
 // =============================================================================================
@@ -808,6 +644,33 @@ struct State {
 }
 
 impl State {
+    /// Connected, nothing requested yet: `todo` is what there is to fetch, the walk starts at
+    /// `cursor`.
+    fn new(todo: Todo, cursor: u64) -> State {
+        State {
+            state: RemoteState::Connected,
+            todo,
+            cursor,
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            arrived: BTreeMap::new(),
+            arrived_bytes: 0,
+            next_seq: 0,
+            pool: Vec::new(),
+            links: [LinkHealth { up: true, failing_since: None }; 2],
+            down_since: None,
+            disconnected: Duration::ZERO,
+            reconnects: 0,
+            fault_requests: 0,
+            fault_pages: 0,
+            prefetch_pages: 0,
+            bytes: 0,
+            samples: Vec::new(),
+            next_sample: 0,
+            last_error: None,
+        }
+    }
+
     /// The arrived piece holding `addr`: (its address, piece).
     fn piece_at(&self, addr: u64) -> Option<(u64, &Piece)> {
         self.arrived.range(..=addr).next_back().filter(|(&a, p)| a + p.len as u64 > addr).map(|(&a, p)| (a, p))
@@ -978,6 +841,30 @@ impl Shared {
     }
 }
 
+/// The reconnect pace of one link: the first attempt at once, then [`BACKOFF_MIN`] doubling to
+/// [`BACKOFF_MAX`] (a new `Retry` once the link is up again).
+#[derive(Debug)]
+struct Retry {
+    link: Link,
+    /// The pause before the next attempt; None before the first.
+    next: Option<Duration>,
+}
+
+impl Retry {
+    fn new(link: Link) -> Retry {
+        Retry { link, next: None }
+    }
+
+    /// Before each attempt: pauses as the backoff says (never past the give-up time, and not at
+    /// all before the first attempt).
+    fn pause(&mut self, sh: &Shared) {
+        if let Some(d) = self.next {
+            sh.backoff_sleep(self.link, d);
+        }
+        self.next = Some(self.next.map_or(BACKOFF_MIN, |d| (d * 2).min(BACKOFF_MAX)));
+    }
+}
+
 /// The fault connection and its response buffer (used by one with_data at a time).
 #[derive(Debug, Default)]
 struct FaultLink {
@@ -1027,28 +914,7 @@ impl RemotePages {
             hello,
             extents: extents.clone(),
             stop: AtomicBool::new(false),
-            st: Mutex::new(State {
-                state: RemoteState::Connected,
-                todo: Todo::new(&extents),
-                cursor,
-                inflight: VecDeque::new(),
-                inflight_bytes: 0,
-                arrived: BTreeMap::new(),
-                arrived_bytes: 0,
-                next_seq: 0,
-                pool: Vec::new(),
-                links: [LinkHealth { up: true, failing_since: None }; 2],
-                down_since: None,
-                disconnected: Duration::ZERO,
-                reconnects: 0,
-                fault_requests: 0,
-                fault_pages: 0,
-                prefetch_pages: 0,
-                bytes: 0,
-                samples: Vec::new(),
-                next_sample: 0,
-                last_error: None,
-            }),
+            st: Mutex::new(State::new(Todo::new(&extents), cursor)),
             cond: Condvar::new(),
             bg_sock: Mutex::new(bg.try_clone().ok()),
             opts: PullOptions { request_bytes: request, ..options },
@@ -1081,8 +947,7 @@ impl RemotePages {
     /// `link.buf` on success.
     fn fault_fetch(&self, link: &mut FaultLink, req: PageRequest) -> Result<(), LazySourceError> {
         let sh = &*self.shared;
-        let mut backoff = BACKOFF_MIN;
-        let mut first_retry = true;
+        let mut retry = Retry::new(Link::Fault);
         loop {
             {
                 let st = lock(&sh.st);
@@ -1092,11 +957,7 @@ impl RemotePages {
                 }
             }
             if link.sock.is_none() {
-                if !first_retry {
-                    sh.backoff_sleep(Link::Fault, backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                }
-                first_retry = false;
+                retry.pause(sh);
                 match sh.dial() {
                     Ok(s) => {
                         link.sock = Some(s);
@@ -1363,19 +1224,14 @@ fn background(sh: Arc<Shared>, first: TcpStream) {
         }
     };
     let mut bucket = sh.opts.bandwidth.map(|r| Bucket::new(r, sh.opts.request_bytes));
-    let mut backoff = BACKOFF_MIN;
-    let mut first_retry = true;
+    let mut retry = Retry::new(Link::Background);
     let mut spare: Option<Vec<u8>> = None;
     loop {
         if sh.stopping() || lock(&sh.st).state == RemoteState::Failed {
             break;
         }
         let Some(c) = conn.as_mut() else {
-            if !first_retry {
-                sh.backoff_sleep(Link::Background, backoff);
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-            }
-            first_retry = false;
+            retry.pause(&sh);
             if sh.stopping() {
                 break;
             }
@@ -1394,8 +1250,7 @@ fn background(sh: Arc<Shared>, first: TcpStream) {
                     }
                     sh.link_up(Link::Background);
                     conn = Some(c);
-                    backoff = BACKOFF_MIN;
-                    first_retry = true;
+                    retry = Retry::new(Link::Background);
                 }
                 Err(f) => {
                     if sh.link_failed(Link::Background, &f) {
@@ -1660,28 +1515,7 @@ mod tests {
     }
 
     fn state() -> State {
-        State {
-            state: RemoteState::Connected,
-            todo: Todo::default(),
-            cursor: 0,
-            inflight: VecDeque::new(),
-            inflight_bytes: 0,
-            arrived: BTreeMap::new(),
-            arrived_bytes: 0,
-            next_seq: 0,
-            pool: Vec::new(),
-            links: [LinkHealth { up: true, failing_since: None }; 2],
-            down_since: None,
-            disconnected: Duration::ZERO,
-            reconnects: 0,
-            fault_requests: 0,
-            fault_pages: 0,
-            prefetch_pages: 0,
-            bytes: 0,
-            samples: Vec::new(),
-            next_sample: 0,
-            last_error: None,
-        }
+        State::new(Todo::default(), 0)
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! sender then tries, for a short while, to read the STATUS the destination sends when it drops a
 //! stream, so that the error says why (checksum, range, ...) rather than just "broken pipe".
 
+use super::net::setsockopt;
 use super::store::USER_ADDR_LIMIT;
 use super::wire::{
     self, crc32c, crc32c_append, decode_hello_reply, EndTotals, Hello, HelloStatus, Kind,
@@ -224,21 +225,7 @@ pub struct PageSender {
 
 fn set_cork(sock: &TcpStream, on: bool) -> io::Result<()> {
     let v: libc::c_int = on.into();
-    // SAFETY: a valid socket fd and a pointer to a c_int that lives across the call, with its size.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_CORK,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt(sock, libc::IPPROTO_TCP, libc::TCP_CORK, &v)
 }
 
 /// One sendmsg(MSG_NOSIGNAL) of `parts` (no SIGPIPE if the peer is gone: EPIPE instead).

@@ -21,33 +21,28 @@
 //! ```
 //!
 //! Why the abortive close: a connection ended by the server while the source is still sending
-//! must not close gracefully. After `shutdown(SHUT_RD)` Linux stops sending window updates, so a
-//! source blocked on a full receive window stays blocked even once the queue is drained; a close
-//! with an empty queue then sends only a FIN, and the orphaned socket (FIN-WAIT-2) keeps
-//! advertising a zero window: the source's zero-window probes carry no new data, so nothing ever
-//! provokes a RST and the source sits until its io_timeout (60 s by default). With SO_LINGER 0
-//! the close always sends a RST, which wakes a blocked send at once; the STATUS written before it
-//! stays readable in the source's receive queue.
+//! must not close gracefully, or a source blocked on a full receive window could sit until its
+//! io_timeout; with SO_LINGER 0 the close always sends a RST, which wakes a blocked send at once,
+//! and the STATUS written before it stays readable (the whole story: net.rs, whose accept side,
+//! hello check and abortive close this server shares with the post-copy page source).
 //!
 //! Streams of one migration may also overlap in time; each commits at its own END, so where two
 //! streams carry the same page, the one whose END arrives last wins. The source must not run two
 //! rounds at once. A failed stream does not undo earlier committed streams (each is complete and
 //! verified on its own); the control plane decides whether to resend or abort.
 
+use super::net::{self, accept_hello, bump, lock, Acceptor, Gate, Serve, StartError};
 use super::sender::TransferStats;
 use super::wire::{
-    self, ct_eq, encode_hello_reply, Hello, HelloStatus, MigrationId, Record, RecordError,
-    RecordReader, Status, Token, HELLO_LEN, MAX_DATA_PAGES,
+    self, MigrationId, Record, RecordError, RecordReader, Status, Token, HELLO_LEN, MAX_DATA_PAGES,
 };
 use super::{PageSink, PageStore, PAGE_SIZE};
 use serde::Serialize;
-use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::io::{self, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The one migration a server accepts streams for.
@@ -133,14 +128,11 @@ enum Event {
 struct State {
     store: PageStore,
     events: VecDeque<Event>,
-    conns: HashMap<u64, TcpStream>,
-    threads: Vec<JoinHandle<()>>,
 }
 
+/// The stream counters (connections accepted and rejected are the gate's).
 #[derive(Debug, Default)]
 struct Counters {
-    accepted: AtomicU64,
-    rejected: AtomicU64,
     active: AtomicU64,
     completed: AtomicU64,
     failed: AtomicU64,
@@ -151,9 +143,8 @@ struct Counters {
 
 #[derive(Debug)]
 struct Shared {
-    expected: Expected,
+    gate: Gate,
     opts: ServerOptions,
-    stop: AtomicBool,
     state: Mutex<State>,
     cond: Condvar,
     n: Counters,
@@ -161,22 +152,32 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // A panicking connection thread must not take the server down with it.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
+    }
+}
+
+impl Serve for Shared {
+    const ACCEPT_THREAD: &'static str = "tern-page-accept";
+    const CONN_THREAD: &'static str = "tern-page-conn";
+    // Only the read side is shut: a thread blocked in a read returns at once and can still write
+    // its STATUS (SHUTTING_DOWN) before it closes the connection with a RST (see the module
+    // header).
+    const TEARDOWN: Shutdown = Shutdown::Read;
+
+    fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    fn serve(&self, sock: TcpStream, peer: SocketAddr) {
+        serve_conn(self, sock, peer);
     }
 }
 
 /// Receives page streams for one migration. See the module header.
 #[derive(Debug)]
 pub struct PageServer {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    wake: OwnedFd,
-    accept: Mutex<Option<JoinHandle<()>>>,
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+    acceptor: Acceptor,
 }
 
 impl PageServer {
@@ -189,53 +190,36 @@ impl PageServer {
         expected: Expected,
         opts: ServerOptions,
     ) -> Result<PageServer, BindError> {
-        let listener =
-            TcpListener::bind(addr).map_err(|source| BindError::Bind { addr, source })?;
-        listener.set_nonblocking(true).map_err(BindError::Setup)?;
-        let local = listener.local_addr().map_err(BindError::Setup)?;
-        // SAFETY: eventfd takes no pointers; the result is checked before use.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(BindError::Setup(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh eventfd that nothing else owns.
-        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        let wake_raw = wake.as_raw_fd();
         let shared = Arc::new(Shared {
-            expected,
+            gate: Gate::new(expected, opts.hello_timeout, opts.max_connections),
             opts,
-            stop: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
             n: Counters::default(),
         });
-        let sh = shared.clone();
-        let accept = std::thread::Builder::new()
-            .name("tern-page-accept".into())
-            .spawn(move || accept_loop(sh, listener, wake_raw))
-            .map_err(BindError::Spawn)?;
-        Ok(PageServer {
-            addr: local,
-            shared,
-            wake,
-            accept: Mutex::new(Some(accept)),
-        })
+        let acceptor = Acceptor::start(addr, shared.clone()).map_err(|e| match e {
+            StartError::Bind(source) => BindError::Bind { addr, source },
+            StartError::Setup(e) => BindError::Setup(e),
+            StartError::Spawn(e) => BindError::Spawn(e),
+        })?;
+        Ok(PageServer { shared, acceptor })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.acceptor.local_addr()
     }
 
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        self.local_addr().port()
     }
 
     pub fn progress(&self) -> ServerProgress {
         let n = &self.shared.n;
+        let gate = &self.shared.gate;
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ServerProgress {
-            connections_accepted: g(&n.accepted),
-            connections_rejected: g(&n.rejected),
+            connections_accepted: g(&gate.accepted),
+            connections_rejected: g(&gate.rejected),
             streams_active: g(&n.active),
             streams_completed: g(&n.completed),
             streams_failed: g(&n.failed),
@@ -249,7 +233,7 @@ impl PageServer {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
         loop {
-            if self.shared.stop.load(Ordering::SeqCst) {
+            if self.shared.gate.stopping() {
                 return Err(ServeError::ShutDown);
             }
             if let Some(ev) = st.events.pop_front() {
@@ -295,21 +279,7 @@ impl PageServer {
     /// Stops accepting, breaks every connection, joins every thread and drops all pages.
     /// Idempotent; also done on drop.
     pub fn shutdown(&self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A failure (counter full) is
-        // harmless: the accept thread is already woken.
-        let _ = unsafe {
-            libc::write(
-                self.wake.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
-        let handle = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+        self.acceptor.stop(&self.shared.gate);
         let mut st = self.shared.lock();
         st.store.clear();
         st.events.clear();
@@ -324,125 +294,10 @@ impl Drop for PageServer {
     }
 }
 
-fn accept_loop(sh: Arc<Shared>, listener: TcpListener, wake: i32) {
-    let mut next_id = 0u64;
-    while !sh.stop.load(Ordering::SeqCst) {
-        let mut fds = [
-            libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a live array of two pollfd and we pass its length.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            break;
-        }
-        if fds[1].revents != 0 || sh.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let (sock, peer) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => {
-                // EMFILE and the like: back off instead of spinning.
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
-        };
-        let mut st = sh.lock();
-        st.threads.retain(|t| !t.is_finished());
-        if st.conns.len() >= sh.opts.max_connections {
-            drop(st);
-            bump(&sh.n.rejected, 1);
-            let _ = sock.set_nonblocking(true);
-            let _ = (&sock).write(&encode_hello_reply(HelloStatus::Busy));
-            continue;
-        }
-        let Ok(clone) = sock.try_clone() else {
-            continue;
-        };
-        let id = next_id;
-        next_id += 1;
-        st.conns.insert(id, clone);
-        let sh2 = sh.clone();
-        let spawned = std::thread::Builder::new()
-            .name("tern-page-conn".into())
-            .spawn(move || {
-                serve_conn(&sh2, sock, peer);
-                sh2.lock().conns.remove(&id);
-            });
-        match spawned {
-            Ok(h) => st.threads.push(h),
-            Err(_) => {
-                st.conns.remove(&id);
-            }
-        }
-    }
-    // Teardown: wake every connection thread, then join them (without holding the lock). Only the
-    // read side is shut: a thread blocked in a read returns at once and can still write its
-    // STATUS (SHUTTING_DOWN) before it closes the connection with a RST (see the module header).
-    let threads = {
-        let mut st = sh.lock();
-        for c in st.conns.values() {
-            let _ = c.shutdown(Shutdown::Read);
-        }
-        std::mem::take(&mut st.threads)
-    };
-    for t in threads {
-        let _ = t.join();
-    }
-}
-
-fn reply(sock: &TcpStream, status: HelloStatus) {
-    let _ = (&*sock).write_all(&encode_hello_reply(status));
-}
-
 fn serve_conn(sh: &Shared, sock: TcpStream, peer: SocketAddr) {
-    let setup = (|| -> io::Result<()> {
-        sock.set_nonblocking(false)?;
-        sock.set_nodelay(true)?;
-        sock.set_read_timeout(Some(sh.opts.hello_timeout))?;
-        sock.set_write_timeout(Some(sh.opts.hello_timeout))
-    })();
-    let mut hb = [0u8; HELLO_LEN];
-    if setup.is_err() || !matches!(wire::read_full(&mut &sock, &mut hb), Ok(HELLO_LEN)) {
-        bump(&sh.n.rejected, 1);
+    let Some(hb) = accept_hello(&sh.gate, &sock) else {
         return;
-    }
-    let status = match Hello::decode(&hb) {
-        Err(e) => e.status(),
-        Ok(h) => {
-            // Both comparisons always run, each in constant time.
-            let id_ok = ct_eq(&h.migration_id.0, &sh.expected.migration_id.0);
-            let token_ok = h.token.ct_eq(&sh.expected.token);
-            if !id_ok {
-                HelloStatus::UnknownMigration
-            } else if !token_ok {
-                HelloStatus::BadToken
-            } else if sh.stop.load(Ordering::SeqCst) {
-                HelloStatus::ShuttingDown
-            } else {
-                HelloStatus::Ok
-            }
-        }
     };
-    reply(&sock, status);
-    if status != HelloStatus::Ok {
-        bump(&sh.n.rejected, 1);
-        let _ = sock.shutdown(Shutdown::Both);
-        return;
-    }
-    bump(&sh.n.accepted, 1);
     bump(&sh.n.active, 1);
     let started = Instant::now();
     let _ = sock.set_read_timeout(Some(sh.opts.io_timeout));
@@ -492,7 +347,7 @@ fn serve_conn(sh: &Shared, sock: TcpStream, peer: SocketAddr) {
             drop(reader);
             let committed = {
                 let mut st = sh.lock();
-                if sh.stop.load(Ordering::SeqCst) {
+                if sh.gate.stopping() {
                     false
                 } else {
                     staging.compact();
@@ -515,65 +370,20 @@ fn serve_conn(sh: &Shared, sock: TcpStream, peer: SocketAddr) {
             let totals = reader.totals();
             drop(reader);
             // A stream cut by shutdown() reads as EOF here: tell the source why.
-            let code = if sh.stop.load(Ordering::SeqCst) {
+            let code = if sh.gate.stopping() {
                 wire::status::SHUTTING_DOWN
             } else {
                 error.status_code()
             };
-            let _ = (&sock).write_all(&Status { code, totals }.encode_record());
-            // Let the STATUS reach the source before the close turns into a reset: stop sending,
-            // then drain what is in flight for a moment (returns at once after a shutdown()).
-            let _ = sock.shutdown(Shutdown::Write);
-            drain(&sock, Duration::from_millis(200));
-            // Whatever the source still sends must meet a RST, not a silent zero window.
-            set_abortive_close(&sock);
+            // Let the STATUS reach the source, then make whatever it still sends meet a RST, not
+            // a silent zero window (see the module header).
+            net::refuse_and_reset(&sock, Status { code, totals });
             bump(&sh.n.failed, 1);
             sh.lock().events.push_back(Event::Failed { peer, error });
             sh.cond.notify_all();
         }
     }
     let _ = sock.shutdown(Shutdown::Both);
-}
-
-/// Makes the last close of `sock` (and of its clone in `State::conns`: SO_LINGER belongs to the
-/// socket, not the descriptor) send a RST instead of a FIN. Best effort: if it fails, the close is
-/// graceful as before.
-fn set_abortive_close(sock: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: passes a pointer to a live `linger` and its exact size for a socket we own; the
-    // kernel only reads it during the call.
-    let _ = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-}
-
-fn drain(sock: &TcpStream, for_: Duration) {
-    let until = Instant::now() + for_;
-    let _ = sock.set_read_timeout(Some(Duration::from_millis(20)));
-    let mut junk = vec![0u8; 256 << 10];
-    while Instant::now() < until {
-        match (&*sock).read(&mut junk) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(_) => return,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -661,6 +661,20 @@ impl RecordHeader {
             Kind::Zero | Kind::Request => 0,
         }
     }
+
+    /// Checks the crc32c of the payload read after this header (`actual`) against the one the
+    /// header carries.
+    fn check_payload(&self, actual: u32) -> Result<(), RecordError> {
+        if actual != self.payload_crc {
+            return Err(RecordError::PayloadChecksum {
+                kind: self.kind,
+                vaddr: self.vaddr,
+                expected: self.payload_crc,
+                actual,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// The totals an END record carries (and a STATUS echoes).
@@ -742,17 +756,15 @@ impl Status {
             return Err(RecordError::UnexpectedKind(h.kind));
         }
         h.validate()?;
+        Status::read_payload(r, &h)
+    }
+
+    /// The payload of the STATUS record whose validated header is `h`, checked against its
+    /// checksum.
+    fn read_payload(r: &mut impl Read, h: &RecordHeader) -> Result<Status, RecordError> {
         let mut p = [0u8; STATUS_LEN];
         read_part(r, &mut p, "payload", false)?;
-        let actual = crc32c(&p);
-        if actual != h.payload_crc {
-            return Err(RecordError::PayloadChecksum {
-                kind: Kind::Status,
-                vaddr: 0,
-                expected: h.payload_crc,
-                actual,
-            });
-        }
+        h.check_payload(crc32c(&p))?;
         Ok(Status {
             code: u32::from_le_bytes(p[0..4].try_into().expect("4")),
             totals: EndTotals {
@@ -876,35 +888,9 @@ impl<R: Read> RecordReader<R> {
             other => return Err(RecordError::UnexpectedKind(other)),
         }
         buf.resize(len, 0);
-        // Checksum each piece as it arrives, while it is still in cache.
-        let mut got = 0;
-        let mut actual = 0;
-        while got < len {
-            match self.r.read(&mut buf[got..]) {
-                Ok(0) => {
-                    return Err(RecordError::Truncated {
-                        part: "payload",
-                        got,
-                        want: len,
-                    })
-                }
-                Ok(n) => {
-                    actual = crc32c_append(actual, &buf[got..got + n]);
-                    got += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(RecordError::Io(e)),
-            }
-        }
+        let actual = read_payload_crc(&mut self.r, buf)?;
         self.wire_bytes += len as u64;
-        if actual != h.payload_crc {
-            return Err(RecordError::PayloadChecksum {
-                kind: h.kind,
-                vaddr: h.vaddr,
-                expected: h.payload_crc,
-                actual,
-            });
-        }
+        h.check_payload(actual)?;
         if h.kind == Kind::End {
             let sent = EndTotals::decode(buf[..END_LEN].try_into().expect("END_LEN"))?;
             let got = self.totals;
@@ -1061,33 +1047,14 @@ pub fn read_reply(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Reply, RecordE
     }
     h.validate()?;
     if h.kind == Kind::Status {
-        let mut p = [0u8; STATUS_LEN];
-        read_part(r, &mut p, "payload", false)?;
-        let actual = crc32c(&p);
-        if actual != h.payload_crc {
-            return Err(RecordError::PayloadChecksum {
-                kind: Kind::Status,
-                vaddr: 0,
-                expected: h.payload_crc,
-                actual,
-            });
-        }
-        return Ok(Reply::Status(Status::decode_payload(&p)));
+        return Ok(Reply::Status(Status::read_payload(r, &h)?));
     }
     let len = h.payload_len();
     if buf.len() != len {
         // Shrinking is free; growing zeroes only the new tail.
         buf.resize(len, 0);
     }
-    let actual = read_payload_crc(r, buf)?;
-    if actual != h.payload_crc {
-        return Err(RecordError::PayloadChecksum {
-            kind: Kind::Response,
-            vaddr: h.vaddr,
-            expected: h.payload_crc,
-            actual,
-        });
-    }
+    h.check_payload(read_payload_crc(r, buf)?)?;
     Ok(Reply::Response {
         vaddr: h.vaddr,
         page_count: h.page_count,
@@ -1115,21 +1082,6 @@ fn read_payload_crc(r: &mut impl Read, buf: &mut [u8]) -> Result<u32, RecordErro
         }
     }
     Ok(crc)
-}
-
-impl Status {
-    /// Decodes a STATUS payload whose checksum was verified.
-    pub fn decode_payload(p: &[u8; STATUS_LEN]) -> Status {
-        Status {
-            code: u32::from_le_bytes(p[0..4].try_into().expect("4")),
-            totals: EndTotals {
-                stream_crc: u32::from_le_bytes(p[4..8].try_into().expect("4")),
-                data_pages: u64::from_le_bytes(p[8..16].try_into().expect("8")),
-                zero_pages: u64::from_le_bytes(p[16..24].try_into().expect("8")),
-                records: u64::from_le_bytes(p[24..32].try_into().expect("8")),
-            },
-        }
-    }
 }
 
 #[cfg(test)]

@@ -14,29 +14,18 @@
  * Status (every ~10 ms, atomically replaced): tick errors region pages writes verified churn */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <fcntl.h>
-#include <poll.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
-#include <unistd.h>
 
-#define PG 4096
-#define W (PG / 8)
+#include "common.h"
+
 static uint64_t *region;
 static uint32_t *gen;
 static size_t npages;
 static unsigned long errors, writes, verified, churned;
 
-static uint64_t mix(uint64_t a, uint64_t b) {
-	uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull);
-	x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ull; x ^= x >> 29;
-	return x;
-}
-static void fill(uint64_t *p, uint64_t seed) { for (int j = 0; j < W; j++) p[j] = mix(seed, j); }
 static int check(const uint64_t *p, uint64_t seed) {
 	for (int j = 0; j < W; j++) if (p[j] != mix(seed, j)) return 0;
 	return 1;
@@ -78,15 +67,10 @@ static void churn(void) {
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
 static const char *status_path;
 static void status(unsigned long tick) {
-	char tmp[4096], buf[512];
-	snprintf(tmp, sizeof tmp, "%s.tmp", status_path);
+	char buf[512];
 	int n = snprintf(buf, sizeof buf, "tick=%lu errors=%lu region=%lu pages=%zu writes=%lu verified=%lu churn=%lu pid=%d\n",
 			 tick, errors, (unsigned long)region, npages, writes, verified, churned, getpid());
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-	if (fd < 0) return;
-	if (write(fd, buf, n) != n) errors++;
-	close(fd);
-	rename(tmp, status_path);
+	if (write_status(status_path, buf, n)) errors++;
 }
 
 static uint64_t *mreg; static size_t mreg_n;
@@ -130,7 +114,6 @@ int main(int argc, char **argv) {
 	for (size_t i = 0; i < npages; i++) write_page(i);
 	writes = 0;
 	fcntl(0, F_SETFL, O_NONBLOCK);
-	char line[256]; size_t ll = 0;
 	double t0 = now(), last_status = 0, credit = 0, last = t0, last_churn = t0;
 	size_t vcur = 0, wcur = 0;
 	for (unsigned long tick = 0;; tick++) {
@@ -139,14 +122,7 @@ int main(int argc, char **argv) {
 		while (credit >= 1) { wcur = (wcur + 4099) % npages; write_page(wcur); credit -= 1; }
 		for (int k = 0; k < 64; k++) { verify_page(vcur); vcur = (vcur + 1) % npages; }
 		if (do_churn && t - last_churn > 0.005) { churn(); churn_verify(); last_churn = t; }
-		struct pollfd p = { .fd = 0, .events = POLLIN };
-		if (poll(&p, 1, 0) > 0) {
-			char c;
-			while (read(0, &c, 1) == 1) {
-				if (c == '\n') { line[ll] = 0; command(line); ll = 0; }
-				else if (ll < sizeof line - 1) line[ll++] = c;
-			}
-		}
+		poll_commands(command);
 		if (t - last_status > 0.01) { status(tick); last_status = t; }
 		usleep(200);
 	}

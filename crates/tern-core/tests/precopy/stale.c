@@ -18,19 +18,14 @@
  * them) until SIGUSR1: from then on every page is checked against what it must hold.
  * Status (atomically replaced): tick errors rw ro file dropped full_checks */
 #define _GNU_SOURCE
-#include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
-#include <unistd.h>
 
-#define PG 4096
-#define W (PG / 8)
+#include "common.h"
+
 #define NANON 32
 #define NFILE 16
 #define FILE_BYTE(i) ((unsigned char)(0x40 + (i)))
@@ -42,13 +37,6 @@ static enum state rw_state[NANON], ro_state[NANON], file_state[NFILE];
 static int untouched_ro[NANON], untouched_file[NFILE];
 static unsigned long errors, dropped, full_checks;
 static volatile sig_atomic_t check_all;
-
-static uint64_t mix(uint64_t a, uint64_t b) {
-	uint64_t x = a * 0x9E3779B97F4A7C15ull ^ (b + 0x632BE59BD9B4E019ull);
-	x ^= x >> 31; x *= 0xBF58476D1CE4E5B9ull; x ^= x >> 29;
-	return x;
-}
-static void fill(uint64_t *p, uint64_t seed) { for (int j = 0; j < W; j++) p[j] = mix(seed, j); }
 
 static int page_ok(const unsigned char *page, enum state st, uint64_t seed, unsigned char file_byte) {
 	const uint64_t *p = (const uint64_t *)page;
@@ -71,15 +59,10 @@ static void check(int all) {
 
 static const char *status_path;
 static void status(unsigned long tick) {
-	char tmp[4096], buf[512];
-	snprintf(tmp, sizeof tmp, "%s.tmp", status_path);
+	char buf[512];
 	int n = snprintf(buf, sizeof buf, "tick=%lu errors=%lu rw=%lu ro=%lu file=%lu dropped=%lu full_checks=%lu pid=%d\n",
 			 tick, errors, (unsigned long)rw, (unsigned long)ro, (unsigned long)file, dropped, full_checks, getpid());
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-	if (fd < 0) return;
-	if (write(fd, buf, n) != n) errors++;
-	close(fd);
-	rename(tmp, status_path);
+	if (write_status(status_path, buf, n)) errors++;
 }
 
 static void command(char *line) {
@@ -125,19 +108,10 @@ int main(int argc, char **argv) {
 	struct sigaction sa = { .sa_handler = on_usr1 };
 	sigaction(SIGUSR1, &sa, NULL);
 	fcntl(0, F_SETFL, O_NONBLOCK);
-	char line[256];
-	size_t ll = 0;
 	struct timespec last = { 0 };
 	for (unsigned long tick = 0;; tick++) {
 		check(check_all);
-		struct pollfd p = { .fd = 0, .events = POLLIN };
-		if (poll(&p, 1, 0) > 0) {
-			char c;
-			while (read(0, &c, 1) == 1) {
-				if (c == '\n') { line[ll] = 0; command(line); ll = 0; }
-				else if (ll < sizeof line - 1) line[ll++] = c;
-			}
-		}
+		poll_commands(command);
 		struct timespec now;
 		clock_gettime(CLOCK_MONOTONIC, &now);
 		if ((now.tv_sec - last.tv_sec) * 1000000000L + (now.tv_nsec - last.tv_nsec) > 5000000L) {

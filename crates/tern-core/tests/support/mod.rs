@@ -2,8 +2,11 @@
 //! binary run a scratch directory of its own.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tern_core::pages::pull::RemoteStats;
+use tern_core::restore::LazyStats;
 
 /// A directory under cargo's test tmpdir, private to this test binary run.
 pub fn scratch_dir(prefix: &str) -> PathBuf {
@@ -46,6 +49,24 @@ impl Drop for OwnedProc {
     }
 }
 
+/// Starts `cmd` (stdin, stdout and stderr to /dev/null) after removing the status file it will
+/// write, and waits until that file says `ready` (see [`wait_for_status`]): the process (killed
+/// and reaped on drop, also when the wait panics) and the status that was ready.
+pub fn start_with_status(
+    cmd: &mut Command,
+    status: &Path,
+    ready: impl Fn(&Status) -> bool,
+    what: &str,
+    timeout: Duration,
+) -> (OwnedProc, Status) {
+    let _ = std::fs::remove_file(status);
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("starting the process");
+    let proc = OwnedProc { pid: child.id() as i32 };
+    std::mem::forget(child); // reaped by OwnedProc
+    let s = wait_for_status(status, ready, what, timeout);
+    (proc, s)
+}
+
 /// A fixture's status file (`key=value` words, rewritten by the fixture; see test/workloads/README).
 pub type Status = std::collections::HashMap<String, String>;
 
@@ -57,7 +78,7 @@ pub fn parse_status(text: &str) -> Status {
 }
 
 /// The status file as it is now (empty while it does not exist yet).
-pub fn read_status(path: &std::path::Path) -> Status {
+pub fn read_status(path: &Path) -> Status {
     parse_status(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
@@ -68,7 +89,7 @@ pub fn num(s: &Status, key: &str) -> u64 {
 
 /// Polls the status file until `ok`, asserting on every read that the fixture reports no error;
 /// panics naming `what` after `timeout`.
-pub fn wait_for_status(path: &std::path::Path, ok: impl Fn(&Status) -> bool, what: &str, timeout: std::time::Duration) -> Status {
+pub fn wait_for_status(path: &Path, ok: impl Fn(&Status) -> bool, what: &str, timeout: Duration) -> Status {
     let start = std::time::Instant::now();
     loop {
         let s = read_status(path);
@@ -77,6 +98,49 @@ pub fn wait_for_status(path: &std::path::Path, ok: impl Fn(&Status) -> bool, wha
             return s;
         }
         assert!(start.elapsed() < timeout, "timed out waiting for {what}: {s:?}");
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// One line on how lazy memory came home (printed by the tests: run with --nocapture), with the
+/// pull's figures when the pages came from the source host.
+pub fn lazy_summary(s: &LazyStats) -> String {
+    let mut line = format!(
+        "{:?}; faults {} ({} data pages, {} zero), background {} pages, dropped {}, retries {}, \
+         events fork/remap/remove/unmap {}/{}/{}/{}; fault service p50 {:.1} µs p99 {:.1} µs max {:.1} µs; home in {:.1} ms",
+        s.state,
+        s.faults,
+        s.fault_pages,
+        s.zero_pages,
+        s.background_pages,
+        s.dropped_pages,
+        s.retries,
+        s.events_fork,
+        s.events_remap,
+        s.events_remove,
+        s.events_unmap,
+        s.fault_p50_ns as f64 / 1e3,
+        s.fault_p99_ns as f64 / 1e3,
+        s.fault_max_ns as f64 / 1e3,
+        s.home_ns.unwrap_or(0) as f64 / 1e6
+    );
+    if let Some(r) = &s.remote {
+        line.push_str("; remote: ");
+        line.push_str(&remote_summary(r));
+    }
+    line
+}
+
+/// One line on a page pull's figures.
+pub fn remote_summary(r: &RemoteStats) -> String {
+    format!(
+        "{:?}, {} fault requests ({} pages, round trip p50 {:.1} µs p99 {:.1} µs), {} pages prefetched, {} reconnects",
+        r.state,
+        r.fault_requests,
+        r.fault_pages,
+        r.request_p50_ns as f64 / 1e3,
+        r.request_p99_ns as f64 / 1e3,
+        r.prefetch_pages,
+        r.reconnects
+    )
 }
