@@ -754,9 +754,16 @@ impl fmt::Debug for Shared {
 }
 
 impl Shared {
-    fn dial(&self) -> Result<TcpStream, Failure> {
+    /// Connects `link` again. A link that is failing waits for a connection no longer than the
+    /// time left before it gives up: a silent source (SYNs dropped) must not stretch
+    /// `give_up_after` to `connect_timeout`.
+    fn dial(&self, link: Link) -> Result<TcpStream, Failure> {
         let addr = *lock(&self.addr);
-        dial(addr, &self.hello, self.opts.connect_timeout, self.opts.io_timeout)
+        let left = lock(&self.st).links[link as usize]
+            .failing_since
+            .map(|t| (t + self.opts.give_up_after).saturating_duration_since(Instant::now()));
+        let timeout = left.map_or(self.opts.connect_timeout, |l| l.clamp(Duration::from_millis(50), self.opts.connect_timeout));
+        dial(addr, &self.hello, timeout, self.opts.io_timeout)
     }
 
     fn stopping(&self) -> bool {
@@ -958,7 +965,7 @@ impl RemotePages {
             }
             if link.sock.is_none() {
                 retry.pause(sh);
-                match sh.dial() {
+                match sh.dial(Link::Fault) {
                     Ok(s) => {
                         link.sock = Some(s);
                         sh.link_up(Link::Fault);
@@ -1235,7 +1242,7 @@ fn background(sh: Arc<Shared>, first: TcpStream) {
             if sh.stopping() {
                 break;
             }
-            let attempt = sh.dial().and_then(|s| {
+            let attempt = sh.dial(Link::Background).and_then(|s| {
                 let c = BgConn::new(s).map_err(|e| Failure::transient(format!("background connection setup: {e}")))?;
                 // Resend what was outstanding, in order (responses come back in this order).
                 let resend: Vec<PageRequest> = lock(&sh.st).inflight.iter().copied().collect();
