@@ -370,9 +370,19 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
           const pull = request.body.pullFrom;
           const remote = pull && session.pageCredentials ? { ...pull, ...session.pageCredentials } : undefined;
           const report = await engine.restore(image, server, { lazy: request.body.lazy === true || remote !== undefined, ...(remote && { remote }) });
-          request.log.info(`migration ${id}: restore call ${(performance.now() - called).toFixed(1)} ms, engine ${(report.timings.totalNs / 1e6).toFixed(1)} ms, since the request ${(performance.now() - received).toFixed(1)} ms, image ${image.length} bytes`);
-          // The sockets exist: the guard goes, but not inside the downtime.
-          void unguardRestore(id).catch(() => {});
+          const returned = performance.now();
+          // Every step of the engine's rebuild (ms), so that a slow restore says which step was slow.
+          const { totalNs, remoteSyscalls, remoteRoundTrips, ...steps } = report.timings;
+          const breakdown = Object.entries(steps)
+            .filter(([, v]) => typeof v === 'number')
+            .map(([k, v]) => `${k.replace(/Ns$/, '')} ${((v as number) / 1e6).toFixed(2)}`)
+            .join(', ');
+          const syscalls = remoteSyscalls === undefined ? '' : `; ${remoteSyscalls} remote syscalls in ${remoteRoundTrips ?? 0} ptrace round trips`;
+          request.log.info(`migration ${id}: restore call ${(returned - called).toFixed(1)} ms, engine ${(totalNs / 1e6).toFixed(1)} ms (${breakdown}${syscalls}), since the request ${(returned - received).toFixed(1)} ms, image ${image.length} bytes`);
+          // The sockets exist: the guard goes, but not inside the downtime. Not from here: nft is a
+          // child process, and spawning it forks this agent (page tables of every page it holds, a
+          // gigabyte and more after a pre-copy) synchronously, tens of ms before the answer could
+          // leave. It goes once the answer is out (below), or before the 409 of an abort.
           return report;
         } catch (err) {
           await unguardRestore(id).catch(() => {});
@@ -384,6 +394,7 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         const report = await call;
         if (session.is('aborting')) {
           // Aborted while restoring: the abort route waits for us and then kills what we built.
+          void unguardRestore(id).catch(() => {});
           session.restoredPid = report.pid;
           throw new HttpError(409, 'aborted', `migration ${id} was aborted during restore`);
         }
@@ -394,6 +405,17 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         // or queueing a Neon task here would sit inside the downtime the coordinator measures.
         const resumedAt = performance.now();
         setImmediate(() => {
+          // The answer that ends the downtime is in the socket now: the lazy fill's background copy
+          // may start (the engine held it so as not to compete with this answer for the CPU; it
+          // would start by itself shortly anyway). Faults were served all along.
+          try {
+            if (report.lazy) server.lazyRelease?.();
+          } catch (err) {
+            // An engine without the call: it releases by itself after its delay.
+            request.log.warn(`migration ${id}: releasing the lazy fill: ${(err as Error).message}`);
+          }
+          request.log.info(`migration ${id}: answer handed to the socket ${(performance.now() - resumedAt).toFixed(1)} ms after the engine returned`);
+          void unguardRestore(id).catch(() => {});
           if (report.lazy && server.lazyWait) watchHoming(id, report.pid, server, request.log);
           // How long the restored connections wait for their peers (tcp-resume.ts).
           void watchTcpResume(report.pid, resumedAt).then((r) => {

@@ -43,6 +43,8 @@ export interface PageServerHandle {
   lazyWait?(timeoutMs: number): Promise<LazyStats | null>;
   /** Fault service times (ns) since the last call. */
   lazyFaultSamples?(): number[];
+  /** Lets the lazy fill's background copy start (held after a restore until this, or a short delay). */
+  lazyRelease?(): boolean;
   close(): Promise<void>;
 }
 

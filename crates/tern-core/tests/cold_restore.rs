@@ -103,6 +103,16 @@ fn migrate_pid(raw_pid: i32) -> (ProcessImage, restore::RestoredProcess) {
         restored.warnings
     );
     assert_eq!(restored.pid.as_raw(), raw_pid, "same pid");
+    // Exactly the image's descriptors: nothing of the restore's own (the stub's control socket,
+    // the userfaultfd, map fds) stays behind in the process.
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{raw_pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort();
+    let mut expected: Vec<i32> = image.fds.iter().map(|f| f.fd).collect();
+    expected.sort();
+    assert_eq!(fds, expected, "the restored process's fds");
     (image, restored)
 }
 
@@ -263,4 +273,45 @@ fn sigcount_handlers_and_masks_survive() {
     // SAFETY: signal to our own restored child.
     unsafe { libc::kill(f.proc.pid, libc::SIGUSR1) };
     f.wait_for(|s| num(s, "usr1") == num(&before, "usr1") + 1, "SIGUSR1 to be handled");
+}
+
+/// The restore stops its batches of remote syscalls with a SIGTRAP (rebuild.rs): a process that
+/// ignores SIGTRAP must still ignore it afterwards, with its masks and other dispositions as they
+/// were (a forced SIGTRAP, as int3 raises, would have reset the disposition to SIG_DFL).
+#[test]
+fn ignored_sigtrap_and_dispositions_survive_the_batches() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("sleep");
+    cmd.arg("1000");
+    // SAFETY: between fork and exec only async-signal-safe signal(2) calls on constants.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGTRAP, libc::SIG_IGN);
+            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let proc = Proc { pid: child.id() as i32 };
+    std::mem::forget(child); // reaped by Proc
+    let field = |pid: i32, key: &str| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_default().trim().to_owned()
+    };
+    // Frozen while the dynamic loader still runs, it would close what it opened after the
+    // restore: wait until it sleeps (clock_nanosleep, or nanosleep).
+    for _ in 0..400 {
+        let syscall = std::fs::read_to_string(format!("/proc/{}/syscall", proc.pid)).unwrap_or_default();
+        if syscall.starts_with("230 ") || syscall.starts_with("35 ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before: Vec<String> = ["SigIgn:", "SigCgt:", "SigBlk:"].iter().map(|k| field(proc.pid, k)).collect();
+    let trap = 1u64 << (libc::SIGTRAP - 1);
+    assert_ne!(u64::from_str_radix(&before[0], 16).unwrap() & trap, 0, "{before:?}");
+    let _ = migrate_pid(proc.pid);
+    let after: Vec<String> = ["SigIgn:", "SigCgt:", "SigBlk:"].iter().map(|k| field(proc.pid, k)).collect();
+    assert_eq!(after, before, "SigIgn, SigCgt, SigBlk after the restore");
+    assert_eq!(field(proc.pid, "State:").chars().next(), Some('S'), "the restored sleep sleeps on");
 }

@@ -237,3 +237,74 @@ fn return_image() -> tern_core::image::ProcessImage {
     session.abort().unwrap();
     image
 }
+
+/// The background fill waits for release_background (or its delay) while faults are served from
+/// the start: the restored memcheck verifies its memory (faulting) with no background copy at
+/// all, then the release homes the rest. Dropping the handle releases too (nobody could later).
+#[test]
+fn background_fill_waits_for_its_release_faults_do_not() {
+    let w = memcheck("held", 128, &[]);
+    let pid = Pid::new(w.proc.pid).unwrap();
+    let session = SourceSession::freeze(pid).unwrap();
+    let mut store = PageStore::new();
+    let (image, _) = session.dump(&mut store).unwrap();
+    session.commit().unwrap();
+    // SAFETY: reaping our own child by pid.
+    unsafe { libc::waitpid(w.proc.pid, std::ptr::null_mut(), 0) };
+    let recreated = tern_core::files::recreate_fds(&image.fds, &RecreateOptions::default()).unwrap();
+    let options = RestoreOptions {
+        lazy_memory: true,
+        lazy: restore::LazyOptions { background_delay: Duration::from_secs(3600), ..Default::default() },
+        ..RestoreOptions::with_files(recreated)
+    };
+    let (restored, handle) = restore::restore_lazy(&image, Arc::new(store), options).unwrap();
+    let handle = handle.unwrap();
+    let lazy_pages = restored.lazy.unwrap().lazy_pages;
+    // The process runs and faults; nothing is copied in the background.
+    let s = w.status();
+    w.wait_for(|x| num(x, "tick") > num(&s, "tick") + 10, "the held copy to run");
+    std::thread::sleep(Duration::from_millis(300));
+    let held = handle.stats();
+    print_stats("held", &held);
+    assert!(handle.background_held());
+    assert!(held.faults > 0, "{held:?}");
+    assert_eq!(held.background_pages, 0, "background copies before the release: {held:?}");
+    assert_eq!(held.state, LazyState::Running);
+    assert!(held.pending_pages > 0 && held.pending_pages < lazy_pages, "{held:?}");
+    handle.release_background();
+    assert!(!handle.background_held());
+    let stats = handle.wait(Duration::from_secs(60)).unwrap();
+    print_stats("released", &stats);
+    assert_eq!(stats.state, LazyState::Homed);
+    assert!(stats.background_pages > 0, "{stats:?}");
+    let s = w.status();
+    let s = w.wait_for(|x| num(x, "sweeps") > num(&s, "sweeps") + 1, "two more sweeps after homing");
+    assert_eq!(num(&s, "errors"), 0, "{s:?}");
+
+    // Dropping the handle of a held fill releases it.
+    let w = memcheck("held-drop", 64, &[]);
+    let pid = Pid::new(w.proc.pid).unwrap();
+    let session = SourceSession::freeze(pid).unwrap();
+    let mut store = PageStore::new();
+    let (image, _) = session.dump(&mut store).unwrap();
+    session.commit().unwrap();
+    // SAFETY: reaping our own child by pid.
+    unsafe { libc::waitpid(w.proc.pid, std::ptr::null_mut(), 0) };
+    let recreated = tern_core::files::recreate_fds(&image.fds, &RecreateOptions::default()).unwrap();
+    let options = RestoreOptions {
+        lazy_memory: true,
+        lazy: restore::LazyOptions { background_delay: Duration::from_secs(3600), ..Default::default() },
+        ..RestoreOptions::with_files(recreated)
+    };
+    let (_, handle) = restore::restore_lazy(&image, Arc::new(store), options).unwrap();
+    drop(handle);
+    // Homed: memcheck's own sweeps go on; the userfaultfd is gone from the process.
+    let s = w.status();
+    w.wait_for(|x| num(x, "sweeps") > num(&s, "sweeps") + 2, "sweeps after the handle was dropped");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !uffd_fds(w.proc.pid).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the fill did not finish after the drop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(num(&w.status(), "errors"), 0);
+}

@@ -431,6 +431,13 @@ fn page_server_lazy_stats(Boxed(server): Boxed<PageServerHandle>) -> Json<Option
     Json(lazy_of(&server).map(|h| h.stats()))
 }
 
+/// Lets the lazy fill's background copy start now (the restore's answer is out): until then, or
+/// until its delay has passed, the lazy thread serves faults only. False: no lazy restore here.
+#[neon::export]
+fn page_server_lazy_release(Boxed(server): Boxed<PageServerHandle>) -> bool {
+    lazy_of(&server).map(|h| h.release_background()).is_some()
+}
+
 /// Fault service times (ns) recorded since the last call (empty: none, or no lazy restore).
 #[neon::export]
 fn page_server_lazy_fault_samples(Boxed(server): Boxed<PageServerHandle>) -> Vec<f64> {

@@ -21,9 +21,14 @@
 //!    stub executes in order as they arrive (epoll registrations keyed on final fd numbers).
 //! 5. the stub does chroot (if asked), chdir, umask, session/process group, credentials.
 //! 6. stub → engine: one [`Reply`]: status 0, or the negative errno and the [`Step`] that failed.
-//! 7. the stub closes the control socket and sleeps in `pause()` forever. The engine seizes and
-//!    interrupts it (PTRACE_SEIZE + PTRACE_INTERRUPT) and rebuilds the process around it with
-//!    remote syscalls; the stub's own code and stack are unmapped and never run again.
+//! 7. the stub closes the control socket and sleeps in `pause()` forever. The engine waits for
+//!    that close (end of file on its end: the stub held the only other reference), then seizes
+//!    and interrupts it (PTRACE_SEIZE + PTRACE_INTERRUPT) and rebuilds the process around it
+//!    with remote syscalls; the stub's own code and stack are unmapped and never run again.
+//!    Seized between its reply and its close, the stub would leave the socket in the process.
+//!
+//! The stub starts with every signal blocked (the engine blocks them around its vfork-style
+//! clone); it never needs one, and the engine replaces the mask with the image's.
 //!
 //! If the engine goes away before the plan is complete, `recvmsg` returns 0 and the stub exits
 //! with status 100 + step.

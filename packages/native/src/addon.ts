@@ -74,6 +74,7 @@ export interface Addon {
   pageServerLazyStats(s: OpaqueBox<'page-server'>): LazyStats | null;
   pageServerLazyWait(s: OpaqueBox<'page-server'>, timeoutMs: number): Promise<LazyStats | null>;
   pageServerLazyFaultSamples(s: OpaqueBox<'page-server'>): number[];
+  pageServerLazyRelease(s: OpaqueBox<'page-server'>): boolean;
   pageServerProgress(s: OpaqueBox<'page-server'>): ServerProgress;
   precopyStart(pid: number, options: { fixedCostNs?: number } | null): Promise<OpaqueBox<'precopy'>>;
   precopySetup(p: OpaqueBox<'precopy'>): PrecopySetup;

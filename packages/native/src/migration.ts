@@ -96,12 +96,42 @@ export interface TransferStats {
   throughputBytesPerSec: number;
 }
 
+/**
+ * Where a restore's time went (ns). cloneNs/memoryNs/threadsNs are the coarse phases of totalNs (the
+ * rebuild); the rest split them step by step. filesNs (the fds recreated before the rebuild) is not
+ * part of totalNs. remoteSyscalls / remoteRoundTrips: syscalls run inside the process and the ptrace
+ * stop/resume round trips they took (a batch takes one).
+ */
+export interface RestoreTimings {
+  cloneNs: number;
+  memoryNs: number;
+  threadsNs: number;
+  totalNs: number;
+  filesNs?: number;
+  precheckNs?: number;
+  spawnNs?: number;
+  handoverNs?: number;
+  seizeNs?: number;
+  layoutNs?: number;
+  mmapNs?: number;
+  lazyStartNs?: number;
+  writeNs?: number;
+  protectNs?: number;
+  mmNs?: number;
+  taskNs?: number;
+  threadCloneNs?: number;
+  threadStateNs?: number;
+  finishNs?: number;
+  remoteSyscalls?: number;
+  remoteRoundTrips?: number;
+}
+
 export interface RestoreReport {
   /** The restored process's pid in the destination's pid namespace (equal to the original's). */
   pid: number;
   /** Every thread, leader first, with its original tid. */
   threads: number[];
-  timings: { cloneNs: number; memoryNs: number; threadsNs: number; totalNs: number };
+  timings: RestoreTimings;
   pagesWritten: number;
   bytesWritten: number;
   /** Things restored differently from the image (e.g. a session that does not exist here). */
@@ -223,6 +253,16 @@ export class PageServer {
   /** Fault service times (ns) recorded since the last call: feed a histogram (the first 65536 faults are sampled). */
   lazyFaultSamples(): number[] {
     return callSync('lazy pages', () => load().pageServerLazyFaultSamples(this.box));
+  }
+
+  /**
+   * Lets the lazy fill's background copy start now. After a lazy restore the engine serves faults
+   * at once but holds the background copy (a gigabyte of UFFDIO_COPY) until this call, or until a
+   * short delay has passed, so that it does not compete with the answer that ends the downtime.
+   * False: no lazy restore from this server. Idempotent.
+   */
+  lazyRelease(): boolean {
+    return callSync('lazy pages', () => load().pageServerLazyRelease(this.box));
   }
 
   /** Waits until the lazily restored process has all its memory (or exited); null: no lazy restore. */

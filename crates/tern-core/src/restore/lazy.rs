@@ -24,7 +24,8 @@
 //!                                                                          child's uffd, a copy
 //!                                                                          of the pending map
 //!                                                          one background chunk (1 MiB) of the
-//!                                                          next pending run, UFFDIO_COPY
+//!                                                          next pending run, UFFDIO_COPY (once
+//!                                                          released, see below)
 //!                                                        all pending maps empty: UFFDIO_UNREGISTER
 //!                                                        every range, close every uffd, drop
 //!                                                        the source
@@ -63,6 +64,20 @@
 //! The thread never abandons a live process: dropping the [`LazyHandle`] detaches it, it ends
 //! when every page is home or every served process has exited. If a fill fails in a way that
 //! cannot be retried the process is killed (by pid, it is ours) rather than left reading zeros.
+//!
+//! # The background fill waits for the switchover to end
+//!
+//! The thread serves faults and events from the moment it starts, but copies nothing in the
+//! background until released: the rest of the restore (threads, registers), the resumed process
+//! and the caller's answer that ends the downtime (an HTTP reply from a Node event loop) must not
+//! compete with a gigabyte of UFFDIO_COPY for the CPU. The caller releases it with
+//! [`LazyHandle::release_background`] once its answer is out; if it never does, the fill starts
+//! anyway [`LazyOptions::background_delay`] after the process resumed
+//! ([`LazyHandle::resumed`]), and at once when the handle is dropped (nobody can release it
+//! then). While held the thread sleeps in poll() on the process's pidfd, every userfaultfd and an
+//! eventfd the release writes to: a fault is read and answered as soon as it is queued, exactly as
+//! when released. Nothing waits for the background fill except homing, which ends later by that
+//! delay at most.
 
 use crate::pages::{PageRun, PageStore, PAGE_SIZE};
 use crate::pidfd::{PidFd, PidFdError};
@@ -453,11 +468,15 @@ pub struct LazyOptions {
     pub fault_window: u64,
     /// Bytes per background UFFDIO_COPY.
     pub background_chunk: u64,
+    /// How long after the process resumed the background fill waits for
+    /// [`LazyHandle::release_background`] before it starts by itself (faults are served at once
+    /// regardless; see the module header).
+    pub background_delay: Duration,
 }
 
 impl Default for LazyOptions {
     fn default() -> Self {
-        LazyOptions { fault_window: 64 << 10, background_chunk: 1 << 20 }
+        LazyOptions { fault_window: 64 << 10, background_chunk: 1 << 20, background_delay: Duration::from_millis(50) }
     }
 }
 
@@ -546,6 +565,8 @@ pub enum LazySetupError {
     Uffd { pid: Pid, source: UffdError },
     #[error("starting the lazy page thread for pid {pid}: {source}")]
     Thread { pid: Pid, source: std::io::Error },
+    #[error("creating the wakeup eventfd of the lazy page thread for pid {pid}: {errno}")]
+    Wakeup { pid: Pid, errno: Errno },
 }
 
 const MAX_SAMPLES: usize = 1 << 16;
@@ -562,8 +583,43 @@ struct Shared {
     progress: Mutex<Progress>,
     done: Condvar,
     started: Instant,
+    /// When the background fill may run (see the module header).
+    background: Mutex<Background>,
+    /// Written by whoever changes `background`: wakes the lazy thread out of its poll().
+    wake: OwnedFd,
     /// A remote source's live figures, read while the fill runs (see [`LazySource::remote_probe`]).
     probe: Option<RemoteProbe>,
+}
+
+/// Whether the lazy thread may copy in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Background {
+    /// Not yet: the process is still being built (no deadline), or it runs and the fill starts
+    /// by itself at the deadline unless released before.
+    Held { deadline: Option<Instant> },
+    Released,
+}
+
+impl Shared {
+    /// Changes the background state (never back from Released) and wakes the lazy thread.
+    fn set_background(&self, to: Background) {
+        {
+            let mut b = self.background.lock().unwrap_or_else(|e| e.into_inner());
+            if *b == Background::Released {
+                return;
+            }
+            *b = to;
+        }
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a local array to our own eventfd. It cannot block (the
+        // counter would have to reach u64::MAX - 1) and a failure only delays the fill until
+        // the thread's next wakeup, so the result is not needed.
+        let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    fn background(&self) -> Background {
+        *self.background.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -579,11 +635,32 @@ pub struct LazyHandle {
     pid: Pid,
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// [`LazyOptions::background_delay`].
+    background_delay: Duration,
 }
 
 impl LazyHandle {
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// Lets the background fill start now (the switchover is over: the caller's answer is out).
+    /// Idempotent; faults are served whether or not this is called.
+    pub fn release_background(&self) {
+        self.shared.set_background(Background::Released);
+    }
+
+    /// The restored process runs: the background fill starts by itself after
+    /// [`LazyOptions::background_delay`] unless [`Self::release_background`] comes first.
+    /// Called by the restore after the detach.
+    pub(crate) fn resumed(&self) {
+        let deadline = Instant::now() + self.background_delay;
+        self.shared.set_background(Background::Held { deadline: Some(deadline) });
+    }
+
+    /// True until the background fill has been released (by the caller or the delay).
+    pub fn background_held(&self) -> bool {
+        matches!(self.shared.background(), Background::Held { .. })
     }
 
     /// A snapshot of the progress.
@@ -627,6 +704,8 @@ impl LazyHandle {
 
 impl Drop for LazyHandle {
     fn drop(&mut self) {
+        // Nobody can release the background fill after this: it starts now.
+        self.shared.set_background(Background::Released);
         // Join only a thread that has ended; a running one finishes on its own (see the type).
         if let Some(t) = self.thread.take() {
             if t.is_finished() {
@@ -702,6 +781,11 @@ pub(crate) fn start(
         }
     }
     let pidfd = PidFd::open(pid).map_err(|source| LazySetupError::Steal { pid, source })?;
+    // SAFETY: eventfd takes two integers and returns a new fd or -1.
+    let wake = Errno::result(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })
+        .map_err(|errno| LazySetupError::Wakeup { pid, errno })?;
+    // SAFETY: the fd was just created by eventfd and is owned by nobody else.
+    let wake = unsafe { OwnedFd::from_raw_fd(wake) };
     let summary = LazySummary {
         ranges: vmas.len() as u64,
         registered_pages: registered.pages(),
@@ -737,6 +821,8 @@ pub(crate) fn start(
         }),
         done: Condvar::new(),
         started: Instant::now(),
+        background: Mutex::new(Background::Held { deadline: None }),
+        wake,
         probe: source.remote_probe(),
     });
     let server = Server {
@@ -753,7 +839,7 @@ pub(crate) fn start(
         .name(format!("tern-lazy-{pid}"))
         .spawn(move || server.run())
         .map_err(|source| LazySetupError::Thread { pid, source })?;
-    Ok(LazyHandle { pid, shared, thread: Some(thread) })
+    Ok(LazyHandle { pid, shared, thread: Some(thread), background_delay: options.background_delay })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -873,9 +959,30 @@ impl Server {
         self.samples.clear();
     }
 
+    /// Whether the background fill may run now, and if not, how long poll() may sleep (None:
+    /// until something happens; the restore has not resumed the process yet).
+    fn background_gate(&self) -> Result<(), Option<Duration>> {
+        match self.shared.background() {
+            Background::Released => Ok(()),
+            Background::Held { deadline: None } => Err(None),
+            Background::Held { deadline: Some(d) } => {
+                let now = Instant::now();
+                if now >= d {
+                    // Nobody released it in time: it starts by itself (and says so to readers
+                    // of LazyHandle::background_held).
+                    self.shared.set_background(Background::Released);
+                    Ok(())
+                } else {
+                    Err(Some(d - now))
+                }
+            }
+        }
+    }
+
     fn serve(&mut self) -> LazyState {
         let mut msgs = [UffdMsg::default(); 32];
         let mut backoff = false;
+        let mut released = false;
         let mut iterations = 0u64;
         loop {
             if self.spaces.iter().all(|s| s.pending.is_empty()) {
@@ -889,24 +996,54 @@ impl Server {
             if iterations.is_multiple_of(64) {
                 self.publish();
             }
-            // Poll: the pidfd and every uffd; no wait while there is background work.
-            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.spaces.len() + 1);
+            // Until released, no background copy: sleep until a fault, an event, an exit, the
+            // release or the deadline (see the module header).
+            let held = if released {
+                None
+            } else {
+                match self.background_gate() {
+                    Ok(()) => {
+                        released = true;
+                        None
+                    }
+                    Err(wait) => Some(wait),
+                }
+            };
+            let deferred = self.spaces.iter().any(|s| !s.deferred.is_empty());
+            let timeout: i32 = if backoff || deferred {
+                1
+            } else {
+                match held {
+                    None => 0,
+                    Some(None) => -1,
+                    // Rounded up: waking before the deadline would only poll again.
+                    Some(Some(left)) => i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX).max(1),
+                }
+            };
+            // Poll: the release eventfd, the pidfd and every uffd.
+            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(self.spaces.len() + 2);
+            fds.push(libc::pollfd { fd: self.shared.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             if let Some(p) = &self.pidfd {
                 fds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
             for s in &self.spaces {
                 fds.push(libc::pollfd { fd: s.uffd.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             }
-            let timeout = if backoff { 1 } else { 0 };
             // SAFETY: `fds` is a live array of `fds.len()` pollfds the kernel writes revents into.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if r < 0 && Errno::last() != Errno(libc::EINTR) {
                 return self.fail(format!("poll: {}", Errno::last()));
             }
-            let mut off = 0;
+            if r > 0 && fds[0].revents != 0 {
+                let mut counter = [0u8; 8];
+                // SAFETY: reads 8 bytes into a local array from our own non-blocking eventfd;
+                // it only resets the counter (the state itself is in `shared.background`).
+                let _ = unsafe { libc::read(self.shared.wake.as_raw_fd(), counter.as_mut_ptr().cast(), counter.len()) };
+            }
+            let mut off = 1;
             if self.pidfd.is_some() {
-                off = 1;
-                if r > 0 && fds[0].revents != 0 {
+                off = 2;
+                if r > 0 && fds[1].revents != 0 {
                     // The restored process exited: nothing of it is left to fill.
                     self.pidfd = None;
                     if let Some(i) = self.spaces.iter().position(|s| s.root) {
@@ -933,8 +1070,11 @@ impl Server {
                 }
                 self.end_space(i);
             }
-            // One background chunk.
             backoff = false;
+            if !released {
+                continue;
+            }
+            // One background chunk.
             match self.background() {
                 Ok(again) => backoff = again,
                 Err((i, SpaceEnd::Gone)) => self.end_space(i),

@@ -10,42 +10,59 @@
 //!  checks      pid free (kill(pid, 0) → ESRCH); exe and every mapped file present with the
 //!              image's size and mtime (FileMissing / FileChanged); vdso/vvar layout and vdso
 //!              bytes (FNV-1a) identical to the source's (VdsoMismatch): nothing is cloned yet
-//!  clone       clone3(set_tid = [pid], SIGCHLD) → child: control socket at fd 3, every other fd
-//!              closed, execveat(memfd holding tern-stub, AT_EMPTY_PATH)
+//!  clone       clone3(set_tid = [pid], CLONE_VM | CLONE_VFORK, SIGCHLD) on a small stack of its
+//!              own → child: control socket at fd 3, every other fd closed, execveat(memfd
+//!              holding tern-stub, AT_EMPTY_PATH). Sharing the engine's memory until the exec is
+//!              what keeps this cheap: a fork would copy the page tables of the whole agent
+//!              (every page received for the migration) only for the exec to drop them.
 //!              EEXIST → PidTaken (someone took the pid meanwhile)
 //!  handover    plan + fds over the control socket (see stub_protocol); the stub puts the fds in
-//!              place, sets cwd, umask, session, credentials, replies, then pause()s
+//!              place, sets cwd, umask, session, credentials, replies, closes its end, then
+//!              pause()s; the engine waits for that close (end of file), or the socket would
+//!              stay in the process when the stub is seized before it ran its close
 //!  seize       PTRACE_SEIZE (TRACESYSGOOD | TRACECLONE | EXITKILL) + PTRACE_INTERRUPT; all its
 //!              signals blocked (PTRACE_SETSIGMASK) while the engine works inside it
-//!  trampoline  mmap 16 KiB at an address free in both the stub's and the image's layout (run
-//!              with the stub's vdso `syscall`), write `syscall; int3` + scratch space; every
-//!              later remote syscall executes there
+//!  trampoline  mmap 64 KiB at an address free in both the stub's and the image's layout (run
+//!              with the stub's vdso `syscall`), write `syscall; int3`, the batch runner, scratch
+//!              space; every later remote syscall executes there
+//!  batches     a remote syscall costs two ptrace stop/resume round trips; the steps below run
+//!              their syscalls in batches instead: a table of (nr, args, result) in the
+//!              trampoline, a few instructions that run it in order and stop at the first error,
+//!              then stop the thread with tgkill(SIGTRAP) — one round trip per batch (see the
+//!              runner in rebuild.rs for why tgkill and not int3)
 //!  unmap       every stub mapping except the trampoline and vdso/vvar/vvar_vclock (vsyscall stays)
 //!  vdso        mremap vvar, vvar_vclock, vdso to the image's addresses (via a free spot first
-//!              if the ranges overlap)
+//!              if the ranges overlap); with the unmaps, one batch
 //!  mmap        every VMA at its exact address, MAP_FIXED_NOREPLACE; file VMAs from the file
-//!              reopened by path inside the process, identity re-checked on /proc/PID/fd/N;
-//!              VMAs that receive pages are mapped writable first
+//!              reopened by path inside the process (one batch of opens), identity re-checked on
+//!              /proc/PID/fd/N; VMAs that receive pages are mapped writable first (one batch)
 //!  memory      page store → process_vm_writev in vectored batches (/proc/PID/mem for the rest);
 //!              zero markers need no write in anonymous memory, are written in file mappings.
 //!              With `lazy_memory` ([`restore_lazy`]): a userfaultfd made inside the process
 //!              before the mmaps, private anonymous VMAs with data registered MISSING instead of
 //!              written, and the lazy thread started at once (see lazy.rs for the mechanism)
-//!  mprotect    final protections
+//!  mprotect    final protections (one batch)
 //!  mm          prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/arg/env fields, auxv and the
-//!              exe fd (the exe reopened, identity checked)
-//!  task        rt_sigaction ×62, personality, prctl (dumpable, pdeathsig, subreaper,
-//!              no_new_privs), rlimits with prlimit from outside
+//!              exe fd (the exe opened and checked with the mapped files)
+//!  task        rt_sigaction ×62, personality, prctl (dumpable, pdeathsig, subreaper): one
+//!              batch; rlimits with prlimit from outside
 //!  threads     clone3(set_tid = [tid], CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM) from the
-//!              trampoline for every other thread: PTRACE_O_TRACECLONE catches each one stopped
-//!              before its first instruction; in each thread: sigaltstack, set_robust_list,
-//!              set_tid_address, rseq(ptr, len, 0, sig), PR_SET_NAME, its pending signals
-//!              (rt_tgsigqueueinfo); the process-wide ones from the leader (rt_sigqueueinfo)
+//!              trampoline for every other thread, one batch: PTRACE_O_TRACECLONE catches each
+//!              one stopped before its first instruction; in each thread: sigaltstack,
+//!              set_robust_list, set_tid_address, rseq(ptr, len, 0, sig), PR_SET_NAME (one batch
+//!              per thread, all threads at once); then its pending signals one by one
+//!              (rt_tgsigqueueinfo; not in a batch, whose stop is a SIGTRAP); the process-wide
+//!              ones from the leader (rt_sigqueueinfo)
 //!  itimers     setitimer (late: a timer that fires now just stays pending)
-//!  finish      munmap the trampoline (from the leader, which never returns to it), then per
-//!              thread PTRACE_SETREGS (restart fix-up already in the image), SETREGSET(xstate),
-//!              SETSIGMASK(blocked), PTRACE_DETACH: the process runs
+//!  finish      no_new_privs; munmap the trampoline (from the leader, which never returns to
+//!              it), then per thread PTRACE_SETREGS (restart fix-up already in the image),
+//!              SETREGSET(xstate), SETSIGMASK(blocked), PTRACE_DETACH: the process runs; the lazy
+//!              thread's background fill starts after a short delay or when the caller releases
+//!              it (LazyHandle::release_background), faults are served from the start
 //! ```
+//!
+//! [`RestoreTimings`] has the time of each of these steps and how many remote syscalls and
+//! ptrace round trips they took.
 //!
 //! The restored process is a child of the engine process (clone3 from the engine): its parent
 //! must reap it when it exits.
@@ -131,7 +148,8 @@ impl RestoreOptions {
 
 const _: () = assert!(crate::files::FIXUP_RECORD_LEN == stub_protocol::FIXUP_RECORD_LEN);
 
-/// Where the time went.
+/// Where the time went. The first four are the coarse phases (kept for existing readers); the
+/// rest split them step by step, so that a slow restore says which step was slow.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RestoreTimings {
@@ -141,7 +159,43 @@ pub struct RestoreTimings {
     pub memory_ns: u64,
     /// Task state, threads and their state, registers, detach.
     pub threads_ns: u64,
+    /// The rebuild, checks to detach (the files below come before it and are not included).
     pub total_ns: u64,
+    /// Recreating the image's fds in the engine (sockets in repair mode, pipes, files), before
+    /// the rebuild starts.
+    pub files_ns: u64,
+    /// Pid free, files present and unchanged, vdso identical.
+    pub precheck_ns: u64,
+    /// clone3 of the stub until the parent has its pid.
+    pub spawn_ns: u64,
+    /// Plan and fds sent until the stub's reply (its exec and setup run meanwhile).
+    pub handover_ns: u64,
+    /// PTRACE_SEIZE + INTERRUPT until the stub is stopped and its signals blocked.
+    pub seize_ns: u64,
+    /// Trampoline, unmapping the stub, moving vdso/vvar.
+    pub layout_ns: u64,
+    /// The userfaultfd (lazy) and every VMA mapped at its address, files reopened and checked.
+    pub mmap_ns: u64,
+    /// Registering the lazy VMAs and starting the lazy thread.
+    pub lazy_start_ns: u64,
+    /// Gathering and writing the pages that are not lazy.
+    pub write_ns: u64,
+    /// Final protections.
+    pub protect_ns: u64,
+    /// PR_SET_MM_MAP (exe reopened and checked).
+    pub mm_ns: u64,
+    /// Sigactions, personality, prctls, rlimits.
+    pub task_ns: u64,
+    /// clone3 of every other thread until each is stopped.
+    pub thread_clone_ns: u64,
+    /// Per-thread state: sigaltstack, robust list, tid address, rseq, name, pending signals.
+    pub thread_state_ns: u64,
+    /// Itimers, unmapping the trampoline, registers, sigmasks, detach.
+    pub finish_ns: u64,
+    /// Syscalls run inside the process by the tracer (each a ptrace round trip).
+    pub remote_syscalls: u64,
+    /// ptrace stop/resume round trips those took (a batch of syscalls takes one).
+    pub remote_round_trips: u64,
 }
 
 /// A process restore rebuilt and let run.
@@ -282,8 +336,11 @@ pub fn restore_with_files(
     pages: &PageStore,
     files: &crate::files::RecreateOptions,
 ) -> Result<RestoredProcess, RestoreError> {
+    let t = std::time::Instant::now();
     let recreated = crate::files::recreate_fds(&image.fds, files)?;
-    let restored = restore(image, pages, RestoreOptions::with_files(recreated))?;
+    let files_ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut restored = restore(image, pages, RestoreOptions::with_files(recreated))?;
+    restored.timings.files_ns = files_ns;
     Ok(nudge(image, restored))
 }
 
@@ -305,9 +362,12 @@ pub fn restore_with_files_remote(
     files: &crate::files::RecreateOptions,
     lazy_memory: bool,
 ) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
+    let t = std::time::Instant::now();
     let recreated = crate::files::recreate_fds(&image.fds, files)?;
+    let files_ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let options = RestoreOptions { lazy_memory, ..RestoreOptions::with_files(recreated) };
-    let (restored, lazy) = restore_remote(image, pages, remote, options)?;
+    let (mut restored, lazy) = restore_remote(image, pages, remote, options)?;
+    restored.timings.files_ns = files_ns;
     Ok((nudge(image, restored), lazy))
 }
 

@@ -6,17 +6,26 @@ use crate::image::mm::{fnv1a, VmaImage};
 use crate::image::{FileIdentity, ProcessImage};
 use crate::pages::{PageRun, PageStore, PAGE_SIZE};
 use crate::proc::{self, VmaKind};
-use crate::ptrace::{self, Regs, Stop};
+use crate::ptrace::{self, PtraceError, Regs, Stop};
 use crate::remote::{self, StopSource};
 use crate::sys::{Errno, Pid, Tid};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-const TRAMPOLINE_LEN: u64 = 4 * PAGE_SIZE as u64;
+/// The trampoline: `syscall; int3` at 0 (single remote syscalls), the batch runner at
+/// [`BATCH_CODE_OFF`], scratch space for single calls from [`SCRATCH_OFF`], batch tables and
+/// their data from [`BATCH_OFF`] to the end.
+const TRAMPOLINE_LEN: u64 = 16 * PAGE_SIZE as u64;
 /// `syscall; int3`.
 const TRAMPOLINE_CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
+const BATCH_CODE_OFF: u64 = 16;
 const SCRATCH_OFF: u64 = 256;
+const BATCH_OFF: u64 = 2 * PAGE_SIZE as u64;
+/// One batch table entry: nr, six arguments, the result (u64 each).
+const BATCH_ENTRY: u64 = 64;
+/// What a batch entry's result holds until the call has run (not a value any syscall returns).
+const BATCH_NOT_RUN: u64 = 0xdead_0000_0000_beef;
 const PAGE: u64 = PAGE_SIZE as u64;
 const SEIZE_OPTIONS: i32 =
     libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_EXITKILL;
@@ -24,6 +33,159 @@ const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
 const SYS_RSEQ: i64 = 334;
 const MAP_FIXED_NOREPLACE: u64 = 0x10_0000;
+
+// The batch runner, copied into the trampoline (never executed in the engine: it is data in
+// .rodata, assembled by rustc so that no hand-encoded bytes are needed). With r12 = the first
+// table entry, r13 = the end of the table, r14 = the tgid, r15 = the tid, it runs every entry's
+// syscall in order, stores each result in the entry and stops at the first error (a result in
+// -4095..-1); then it stops itself with tgkill(tgid, tid, SIGTRAP), which the tracer sees as a
+// signal-delivery-stop and suppresses. r12 then points past the last entry run.
+//
+// Why tgkill and not int3: int3 raises a *forced* SIGTRAP, and the kernel resets a forced
+// signal's disposition to SIG_DFL when the process ignores it; a plain queued signal changes
+// nothing, and a traced task's signals always reach the tracer (even ignored ones). SIGTRAP is
+// the only signal unblocked while a batch runs (PTRACE_SETSIGMASK), so nothing else is
+// delivered; a fault in the code would be a forced signal, which the runner treats as failure.
+// If resumed without new registers, the runner only stops itself again.
+core::arch::global_asm!(
+    ".pushsection .rodata.tern_restore_batch,\"a\",@progbits",
+    ".balign 16",
+    ".globl tern_restore_batch_start",
+    ".hidden tern_restore_batch_start",
+    ".globl tern_restore_batch_end",
+    ".hidden tern_restore_batch_end",
+    "tern_restore_batch_start:",
+    "2:",
+    "cmp r12, r13",
+    "jae 3f",
+    "mov rax, qword ptr [r12]",
+    "mov rdi, qword ptr [r12 + 8]",
+    "mov rsi, qword ptr [r12 + 16]",
+    "mov rdx, qword ptr [r12 + 24]",
+    "mov r10, qword ptr [r12 + 32]",
+    "mov r8, qword ptr [r12 + 40]",
+    "mov r9, qword ptr [r12 + 48]",
+    "syscall",
+    "mov qword ptr [r12 + 56], rax",
+    "add r12, 64",
+    "cmp rax, -4095",
+    "jb 2b",
+    "3:",
+    "mov eax, 234", // tgkill
+    "mov rdi, r14",
+    "mov rsi, r15",
+    "mov edx, 5", // SIGTRAP
+    "syscall",
+    "jmp 3b",
+    "tern_restore_batch_end:",
+    ".popsection",
+);
+
+extern "C" {
+    static tern_restore_batch_start: u8;
+    static tern_restore_batch_end: u8;
+}
+
+/// The batch runner's machine code.
+fn batch_code() -> &'static [u8] {
+    // SAFETY: both symbols are defined by the global_asm above, in one read-only section, the
+    // start before the end; the bytes between them are the assembled instructions, initialised
+    // and never written.
+    unsafe {
+        let start = std::ptr::addr_of!(tern_restore_batch_start);
+        let end = std::ptr::addr_of!(tern_restore_batch_end);
+        std::slice::from_raw_parts(start, end.offset_from(start) as usize)
+    }
+}
+
+/// One syscall of a batch. With `data`, its bytes are placed in the trampoline next to the table
+/// and their address replaces `args[data.0]`.
+#[derive(Debug)]
+struct Call {
+    /// What it is, for the error when it fails.
+    what: String,
+    nr: i64,
+    args: [u64; 6],
+    data: Option<(usize, Vec<u8>)>,
+}
+
+impl Call {
+    fn new(what: impl Into<String>, nr: i64, args: [u64; 6]) -> Call {
+        Call { what: what.into(), nr, args, data: None }
+    }
+
+    fn with_data(mut self, arg: usize, data: impl Into<Vec<u8>>) -> Call {
+        self.data = Some((arg, data.into()));
+        self
+    }
+
+    fn data_len(&self) -> u64 {
+        self.data.as_ref().map_or(0, |(_, d)| (d.len() as u64).next_multiple_of(8))
+    }
+}
+
+/// Calls packed into a batch area: the table, then the calls' data.
+struct Packed {
+    /// How many of the calls fit.
+    n: usize,
+    bytes: Vec<u8>,
+    /// The end of the table (where the data starts).
+    end: u64,
+}
+
+/// Packs as many of `calls` as fit into `room` bytes at `table` (at least one, or an error).
+fn pack(calls: &[Call], table: u64, room: u64) -> Result<Packed, BatchError> {
+    let mut n = 0usize;
+    let mut data_len = 0u64;
+    while let Some(c) = calls.get(n) {
+        if (n as u64 + 1) * BATCH_ENTRY + data_len + c.data_len() > room {
+            break;
+        }
+        data_len += c.data_len();
+        n += 1;
+    }
+    if n == 0 && !calls.is_empty() {
+        let c = &calls[0];
+        return Err(BatchError::Restore(RestoreError::at(
+            c.what.clone(),
+            format!("{} bytes of arguments do not fit the trampoline", c.data_len()),
+        )));
+    }
+    let end = table + n as u64 * BATCH_ENTRY;
+    let mut bytes = Vec::with_capacity((n as u64 * BATCH_ENTRY + data_len) as usize);
+    let mut data = Vec::with_capacity(data_len as usize);
+    for c in &calls[..n] {
+        let mut args = c.args;
+        if let Some((arg, d)) = &c.data {
+            args[*arg] = end + data.len() as u64;
+            data.extend_from_slice(d);
+            data.resize(data.len().next_multiple_of(8), 0);
+        }
+        bytes.extend_from_slice(&c.nr.to_le_bytes());
+        for a in args {
+            bytes.extend_from_slice(&a.to_le_bytes());
+        }
+        bytes.extend_from_slice(&BATCH_NOT_RUN.to_le_bytes());
+    }
+    bytes.extend_from_slice(&data);
+    Ok(Packed { n, bytes, end })
+}
+
+/// A batch error as a restore error naming the call that failed.
+fn named(calls: &[Call], e: BatchError) -> RestoreError {
+    match e {
+        BatchError::Call { index, errno } => RestoreError::at(calls[index].what.clone(), errno),
+        BatchError::Restore(e) => e,
+    }
+}
+
+/// A batch stopped at a call.
+#[derive(Debug)]
+enum BatchError {
+    /// `calls[index]` returned `errno` (every call before it succeeded, none after it ran).
+    Call { index: usize, errno: Errno },
+    Restore(RestoreError),
+}
 
 fn ns(start: Instant) -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
@@ -118,18 +280,40 @@ pub(crate) fn precheck(image: &ProcessImage) -> Result<(), RestoreError> {
             check_file(f, identity_of(&f.path, f.path.as_ref())?)?;
         }
     }
-    let here = own_specials()?;
-    compare_specials(&here, &image_specials(image))?;
-    if let Some(&(_, s, e)) = here.iter().find(|v| v.0 == VmaKind::Vdso) {
-        let bytes = remote::read_memory(Pid::this(), s, (e - s) as usize)
-            .map_err(|e| RestoreError::at("reading own vdso", e))?;
-        if fnv1a(&bytes) != image.mm.vdso_hash {
-            return Err(RestoreError::VdsoMismatch(
-                "vdso contents differ (another kernel build)".into(),
-            ));
-        }
+    let own = own_vdso()?;
+    compare_specials(&own.specials, &image_specials(image))?;
+    if own.hash.is_some_and(|h| h != image.mm.vdso_hash) {
+        return Err(RestoreError::VdsoMismatch(
+            "vdso contents differ (another kernel build)".into(),
+        ));
     }
     Ok(())
+}
+
+/// The engine's own vdso & co. and the vdso's hash.
+#[derive(Debug)]
+struct OwnVdso {
+    specials: Vec<(VmaKind, u64, u64)>,
+    /// None: no [vdso] mapping.
+    hash: Option<u64>,
+}
+
+/// [`OwnVdso`], read once: the layout and contents of the engine's own vdso never change while
+/// it runs (nothing moves it), and reading /proc/self/maps of an agent with a large heap costs a
+/// fraction of a millisecond that every restore would pay inside the downtime.
+fn own_vdso() -> Result<&'static OwnVdso, RestoreError> {
+    static OWN: std::sync::OnceLock<OwnVdso> = std::sync::OnceLock::new();
+    if let Some(own) = OWN.get() {
+        return Ok(own);
+    }
+    let specials = own_specials()?;
+    let hash = match specials.iter().find(|v| v.0 == VmaKind::Vdso) {
+        Some(&(_, s, e)) => Some(fnv1a(
+            &remote::read_memory(Pid::this(), s, (e - s) as usize).map_err(|e| RestoreError::at("reading own vdso", e))?,
+        )),
+        None => None,
+    };
+    Ok(OWN.get_or_init(|| OwnVdso { specials, hash }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -157,6 +341,10 @@ struct Driver<'a> {
     lazy: Option<LazyHandle>,
     lazy_summary: Option<LazySummary>,
     warnings: Vec<String>,
+    /// The exe, open in the process from the file opens until PR_SET_MM_MAP.
+    exe_fd: Option<u64>,
+    /// The step-by-step timings and the remote syscall counts, filled as the steps run.
+    timings: RestoreTimings,
 }
 
 impl StopSource for Driver<'_> {
@@ -189,9 +377,9 @@ pub(crate) fn run(
     options: RestoreOptions,
 ) -> Result<(RestoredProcess, Option<LazyHandle>), RestoreError> {
     let total = Instant::now();
-    let mut timings = RestoreTimings::default();
     let mut warnings = Vec::new();
     precheck(image)?;
+    let precheck_ns = ns(total);
     let max_target = options.fds.iter().map(|f| f.target).max().unwrap_or(-1);
     let plan = stub::make_plan(
         image,
@@ -200,7 +388,9 @@ pub(crate) fn run(
         options.fixups.len(),
         &mut warnings,
     )?;
+    let t = Instant::now();
     let started = stub::clone_stub(image.source.ns_pid)?;
+    let spawn_ns = ns(t);
     let pid = started.pid;
     let mut driver = Driver {
         image,
@@ -215,8 +405,11 @@ pub(crate) fn run(
         lazy: None,
         lazy_summary: None,
         warnings: Vec::new(),
+        exe_fd: None,
+        timings: RestoreTimings { precheck_ns, spawn_ns, ..RestoreTimings::default() },
     };
     let outcome = (|| {
+        let t = Instant::now();
         stub::hand_over(
             &started.control,
             &plan,
@@ -225,16 +418,22 @@ pub(crate) fn run(
             options.stub_timeout,
         )?;
         drop(options.fds);
+        driver.timings.handover_ns = ns(t);
+        let t = Instant::now();
         driver.seize()?;
-        timings.clone_ns = ns(total);
+        driver.timings.seize_ns = ns(t);
+        driver.timings.clone_ns = ns(total);
         let t = Instant::now();
         driver.build_memory(pages)?;
-        timings.memory_ns = ns(t);
+        driver.timings.memory_ns = ns(t);
         let t = Instant::now();
         driver.build_task()?;
+        driver.timings.task_ns = ns(t);
         driver.build_threads()?;
+        let t2 = Instant::now();
         driver.finish()?;
-        timings.threads_ns = ns(t);
+        driver.timings.finish_ns = ns(t2);
+        driver.timings.threads_ns = ns(t);
         Ok(())
     })();
     if let Err(e) = outcome {
@@ -242,7 +441,13 @@ pub(crate) fn run(
         driver.kill_and_reap();
         return Err(e);
     }
+    if let Some(lazy) = &driver.lazy {
+        // It runs: the lazy thread's background fill starts after its delay unless the caller
+        // releases it first (LazyHandle::release_background, once its answer is out).
+        lazy.resumed();
+    }
     warnings.append(&mut driver.warnings);
+    let mut timings = driver.timings;
     timings.total_ns = ns(total);
     let mut threads: Vec<i32> = image.threads.iter().map(|t| t.tid).collect();
     threads.sort_by_key(|&t| (t != pid.as_raw(), t));
@@ -332,6 +537,8 @@ impl Driver<'_> {
             .and_then(|s| s.base)
             .ok_or_else(|| RestoreError::at(what, format!("thread {tid} is not held")))?;
         let site = self.site;
+        self.timings.remote_syscalls += 1;
+        self.timings.remote_round_trips += 2;
         let ret = remote::inject_syscall(tid, &base, site, nr, args, self)
             .map_err(|e| RestoreError::at(what, e))?;
         if (-4095..0).contains(&ret) {
@@ -340,9 +547,171 @@ impl Driver<'_> {
         Ok(ret as u64)
     }
 
+    /// Runs `calls` in order in the stopped thread `tid` with as few ptrace round trips as the
+    /// trampoline's batch area allows (one for most batches), stopping at the first failure.
+    /// Returns every call's result. Needs the trampoline (from step 1 of build_memory on).
+    fn run_batch(&mut self, tid: Tid, calls: &[Call]) -> Result<Vec<u64>, RestoreError> {
+        self.run_batch_raw(tid, calls).map_err(|e| named(calls, e))
+    }
+
+    fn run_batch_raw(&mut self, tid: Tid, calls: &[Call]) -> Result<Vec<u64>, BatchError> {
+        let table = self.tramp + BATCH_OFF;
+        let room = TRAMPOLINE_LEN - BATCH_OFF;
+        let mut results = Vec::with_capacity(calls.len());
+        while results.len() < calls.len() {
+            let first = results.len();
+            let packed = pack(&calls[first..], table, room)?;
+            self.write(table, &packed.bytes).map_err(BatchError::Restore)?;
+            self.start_batch(tid, table, packed.end).map_err(BatchError::Restore)?;
+            let mut waiting = vec![tid];
+            let after = self.finish_batches(&mut waiting).map_err(BatchError::Restore)?;
+            results.extend(self.batch_results(&calls[first..first + packed.n], first, table, after[0].1)?);
+        }
+        Ok(results)
+    }
+
+    /// [`Self::run_batch`] in several threads at once: each runs its own calls from its own part
+    /// of the batch area, all started before any is waited for, so that N threads cost about one
+    /// round trip instead of N. Threads whose calls do not fit their part run alone afterwards.
+    fn run_batches(&mut self, work: &[(Tid, Vec<Call>)]) -> Result<(), RestoreError> {
+        // At most 32 threads at a time: each gets 1/32 of the area at least (about 1.7 KiB).
+        for group in work.chunks(32) {
+            let part = ((TRAMPOLINE_LEN - BATCH_OFF) / group.len() as u64) & !(BATCH_ENTRY - 1);
+            let mut started: Vec<(usize, u64, usize)> = Vec::new(); // (index in group, table, calls packed)
+            let mut alone: Vec<usize> = Vec::new();
+            for (i, (tid, calls)) in group.iter().enumerate() {
+                let table = self.tramp + BATCH_OFF + i as u64 * part;
+                let packed = match pack(calls, table, part) {
+                    Ok(p) if p.n == calls.len() => p,
+                    // Too much for its part: it gets the whole area to itself below.
+                    _ => {
+                        alone.push(i);
+                        continue;
+                    }
+                };
+                self.write(table, &packed.bytes)?;
+                self.start_batch(*tid, table, packed.end)?;
+                started.push((i, table, packed.n));
+            }
+            let mut waiting: Vec<Tid> = started.iter().map(|&(i, _, _)| group[i].0).collect();
+            let stopped = self.finish_batches(&mut waiting)?;
+            for (i, table, n) in started {
+                let (tid, calls) = &group[i];
+                let after = stopped.iter().find(|(t, _)| t == tid).map(|&(_, r12)| r12).unwrap_or(table);
+                self.batch_results(&calls[..n], 0, table, after).map_err(|e| named(calls, e))?;
+            }
+            for i in alone {
+                let (tid, calls) = &group[i];
+                self.run_batch(*tid, calls)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The results of a batch's `chunk` (whose first call is `calls[first]`) from its table; r12
+    /// was `after` at the stop (past the last call that ran).
+    fn batch_results(&mut self, chunk: &[Call], first: usize, table: u64, after: u64) -> Result<Vec<u64>, BatchError> {
+        let n = chunk.len();
+        self.timings.remote_syscalls += n as u64;
+        self.timings.remote_round_trips += 1;
+        let ran = (after.saturating_sub(table) / BATCH_ENTRY).min(n as u64) as usize;
+        let raw = remote::read_memory(self.pid, table, ran * BATCH_ENTRY as usize)
+            .map_err(|e| BatchError::Restore(RestoreError::at("reading a batch's results", e)))?;
+        let mut results = Vec::with_capacity(n);
+        for (i, entry) in raw.chunks_exact(BATCH_ENTRY as usize).enumerate() {
+            let ret = u64::from_le_bytes(entry[56..64].try_into().unwrap_or_default());
+            if ret == BATCH_NOT_RUN {
+                return Err(BatchError::Restore(RestoreError::at(
+                    chunk[i].what.clone(),
+                    "the batch stopped before this call ran",
+                )));
+            }
+            if (-4095..0).contains(&(ret as i64)) {
+                return Err(BatchError::Call { index: first + i, errno: Errno(-(ret as i64) as i32) });
+            }
+            results.push(ret);
+        }
+        if ran < n {
+            return Err(BatchError::Restore(RestoreError::at(
+                chunk[ran].what.clone(),
+                format!("the batch stopped after {ran} of {n} calls"),
+            )));
+        }
+        Ok(results)
+    }
+
+    /// Points the stopped thread `tid` at the batch runner over the table `[table, end)` and
+    /// lets it run ([`Self::finish_batches`] waits for its stop).
+    fn start_batch(&mut self, tid: Tid, table: u64, end: u64) -> Result<(), RestoreError> {
+        let base = self
+            .threads
+            .get(&tid)
+            .and_then(|s| s.base)
+            .ok_or_else(|| RestoreError::at("a batch of syscalls", format!("thread {tid} is not held")))?;
+        let mut regs = base;
+        regs.rip = self.tramp + BATCH_CODE_OFF;
+        regs.orig_rax = u64::MAX; // not in a syscall: no restart logic on the way out
+        regs.r12 = table;
+        regs.r13 = end;
+        regs.r14 = self.pid.as_raw() as u64;
+        regs.r15 = tid.as_raw() as u64;
+        let fail = |what: &str, e: PtraceError| RestoreError::at(format!("a batch of syscalls in {tid}: {what}"), e);
+        ptrace::set_regs(tid, &regs).map_err(|e| fail("PTRACE_SETREGS", e))?;
+        // Only SIGTRAP may be delivered: it is how the runner stops (see the runner's comment).
+        let trap = 1u64 << (libc::SIGTRAP - 1);
+        ptrace::set_sigmask(tid, !trap).map_err(|e| fail("PTRACE_SETSIGMASK", e))?;
+        ptrace::cont(tid, 0).map_err(|e| fail("PTRACE_CONT", e))
+    }
+
+    /// Waits until every thread of `waiting` (each started by [`Self::start_batch`]) has stopped
+    /// at the end of its batch; blocks their signals again. Returns each one's r12 then.
+    fn finish_batches(&mut self, waiting: &mut Vec<Tid>) -> Result<Vec<(Tid, u64)>, RestoreError> {
+        let fail = |tid: Tid, what: &str, e: &dyn std::fmt::Display| {
+            RestoreError::at(format!("a batch of syscalls in {tid}: {what}"), e)
+        };
+        let mut done = Vec::with_capacity(waiting.len());
+        while !waiting.is_empty() {
+            let Some((who, stop)) = ptrace::wait(-1, 0).map_err(|e| fail(waiting[0], "waitpid", &e))? else {
+                continue;
+            };
+            if !waiting.contains(&who) {
+                // Another tracee: the bookkeeping wait_for does (exits, first stops of new threads).
+                if stop.is_exit() {
+                    self.threads.remove(&who);
+                } else if matches!(stop, Stop::Interrupt | Stop::GroupStop { .. }) {
+                    self.threads.entry(who).or_default().stopped = true;
+                }
+                continue;
+            }
+            match stop {
+                Stop::Signal { signal: libc::SIGTRAP } => {
+                    waiting.retain(|t| *t != who);
+                    ptrace::set_sigmask(who, u64::MAX).map_err(|e| fail(who, "PTRACE_SETSIGMASK", &e))?;
+                    let regs = ptrace::get_regs(who).map_err(|e| fail(who, "PTRACE_GETREGS", &e))?;
+                    done.push((who, regs.r12));
+                }
+                Stop::Signal { signal } => {
+                    // Every other signal is blocked: this one was forced by a fault in the
+                    // runner (SIGSEGV, SIGILL...). Resuming would only fault again.
+                    return Err(fail(who, "stopped", &format!("signal {signal} while running the batch")));
+                }
+                Stop::Exited { .. } | Stop::Killed { .. } => {
+                    self.threads.remove(&who);
+                    return Err(fail(who, "stopped", &format!("the thread exited: {stop:?}")));
+                }
+                // A clone3 in the batch reports PTRACE_EVENT_CLONE; nothing else is expected.
+                Stop::Interrupt | Stop::GroupStop { .. } | Stop::Event { .. } | Stop::Syscall => {
+                    ptrace::cont(who, 0).map_err(|e| fail(who, "PTRACE_CONT", &e))?;
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Writes into the trampoline (scratch, batch tables): one process_vm_writev (the trampoline
+    /// is writable), /proc/PID/mem for whatever it could not write.
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
-        remote::write_memory(self.pid, addr, data)
-            .map_err(|e| RestoreError::at("writing the scratch area", e))
+        write_pages(self.pid, &[(addr, data)]).map(drop)
     }
 
     fn scratch(&self) -> u64 {
@@ -352,14 +721,22 @@ impl Driver<'_> {
     // --- memory -----------------------------------------------------------------------------
 
     fn build_memory(&mut self, pages: &PageStore) -> Result<(), RestoreError> {
+        let step = Instant::now();
         let pid = self.pid;
         let leader = self.leader();
         let stub_vmas =
             proc::maps::read_maps(pid).map_err(|e| RestoreError::at("reading the stub's maps", e))?;
-        // 1. Trampoline, with the stub's own vdso `syscall` for the mmap.
-        self.site = remote::SyscallSite::new(pid)
-            .address()
-            .map_err(|e| RestoreError::at("finding a syscall in the stub's vdso", e))?;
+        // 1. Trampoline, with the stub's own vdso `syscall` for the mmap (found in the maps just
+        // read: no second pass over /proc).
+        let vdso = stub_vmas
+            .iter()
+            .find(|v| v.kind == VmaKind::Vdso)
+            .ok_or_else(|| RestoreError::at("finding a syscall in the stub's vdso", "the stub has no [vdso]"))?;
+        let code = remote::read_memory(pid, vdso.start, vdso.len() as usize)
+            .map_err(|e| RestoreError::at("reading the stub's vdso", e))?;
+        self.site = vdso.start
+            + remote::find_syscall_insn(&code)
+                .ok_or_else(|| RestoreError::at("finding a syscall in the stub's vdso", "no 0f 05 in it"))? as u64;
         let mut taken: Vec<(u64, u64)> = stub_vmas.iter().map(|v| (v.start, v.end)).collect();
         taken.extend(self.image.mm.vmas.iter().map(|v| (v.start, v.end)));
         let tramp = free_gap(&taken, TRAMPOLINE_LEN)
@@ -381,21 +758,23 @@ impl Driver<'_> {
             return Err(RestoreError::at("mmap(trampoline)", format!("got {got:#x}")));
         }
         self.tramp = tramp;
-        self.write(tramp, &TRAMPOLINE_CODE)?;
+        let runner = batch_code();
+        if runner.len() as u64 > SCRATCH_OFF - BATCH_CODE_OFF {
+            return Err(RestoreError::at("placing the batch runner", format!("{} bytes of code", runner.len())));
+        }
+        let mut code = vec![0u8; (BATCH_CODE_OFF as usize) + runner.len()];
+        code[..TRAMPOLINE_CODE.len()].copy_from_slice(&TRAMPOLINE_CODE);
+        code[BATCH_CODE_OFF as usize..].copy_from_slice(runner);
+        self.write(tramp, &code)?;
         self.site = tramp;
 
-        // 2. Unmap the stub.
-        for v in &stub_vmas {
-            if matches!(
-                v.kind,
-                VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall
-            ) {
-                continue;
-            }
-            self.sys(leader, "munmap(stub)", libc::SYS_munmap, [v.start, v.len(), 0, 0, 0, 0])?;
-        }
-
-        // 3. vdso & co. to the image's addresses.
+        // 2. Unmap the stub and 3. move vdso & co. to the image's addresses: one batch, in order
+        // (the moves may land where the stub was).
+        let mut calls: Vec<Call> = stub_vmas
+            .iter()
+            .filter(|v| !matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall))
+            .map(|v| Call::new("munmap(stub)", libc::SYS_munmap, [v.start, v.len(), 0, 0, 0, 0]))
+            .collect();
         let here: Vec<(VmaKind, u64, u64)> = stub_vmas
             .iter()
             .filter(|v| matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock))
@@ -407,6 +786,13 @@ impl Driver<'_> {
             .iter()
             .any(|t| here.iter().any(|h| t.1 < h.2 && h.1 < t.2));
         let mut current: Vec<u64> = here.iter().map(|h| h.1).collect();
+        // Where each mremap must land, checked after the batch.
+        let mut moves: Vec<u64> = Vec::new();
+        let mut mremap = |calls: &mut Vec<Call>, from: u64, len: u64, to: u64| {
+            let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+            calls.push(Call::new("mremap(vdso)", libc::SYS_mremap, [from, len, len, flags, to, 0]));
+            moves.push(to);
+        };
         if overlap {
             let span = here.last().map(|h| h.2).unwrap_or(0) - here.first().map(|h| h.1).unwrap_or(0);
             let mut taken = taken.clone();
@@ -415,15 +801,24 @@ impl Driver<'_> {
                 .ok_or_else(|| RestoreError::at("moving the vdso", "no free address"))?;
             for (i, h) in here.iter().enumerate() {
                 let to = tmp + (h.1 - here[0].1);
-                self.mremap(current[i], h.2 - h.1, to)?;
+                mremap(&mut calls, current[i], h.2 - h.1, to);
                 current[i] = to;
             }
         }
         for (i, t) in there.iter().enumerate() {
             if current[i] != t.1 {
-                self.mremap(current[i], t.2 - t.1, t.1)?;
+                mremap(&mut calls, current[i], t.2 - t.1, t.1);
             }
         }
+        let results = self.run_batch(leader, &calls)?;
+        for (got, to) in results[results.len() - moves.len()..].iter().zip(&moves) {
+            if got != to {
+                return Err(RestoreError::at("mremap(vdso)", format!("landed at {got:#x}, not {to:#x}")));
+            }
+        }
+
+        self.timings.layout_ns = ns(step);
+        let step = Instant::now();
 
         // 4. Map every VMA.
         let vmas: Vec<VmaImage> = self
@@ -434,12 +829,11 @@ impl Driver<'_> {
             .filter(|v| !v.is_special())
             .cloned()
             .collect();
-        let mut fds: BTreeMap<(String, bool), u64> = BTreeMap::new();
-        let mut written = Vec::with_capacity(vmas.len());
         // Lazy memory: the userfaultfd exists before the VMAs (it belongs to the mm); if it
         // cannot be made, everything is written as usual.
+        let mut opens: Vec<Call> = Vec::new();
         let uffd = match self.lazy_source.clone() {
-            Some(source) => match self.make_uffd()? {
+            Some(source) => match self.make_uffd(&mut opens)? {
                 Ok(u) => Some((u, source)),
                 Err(e) if !self.image.mm.remote_pages.is_empty() => {
                     // Post-copy: part of the memory is only on the source; nothing to write it
@@ -453,7 +847,45 @@ impl Driver<'_> {
             },
             None => None,
         };
+        // Every file once per access mode (and the exe, for PR_SET_MM_MAP), opened by path in one
+        // batch, then each checked to be the image's file before anything maps it.
+        let mut files: Vec<(FileIdentity, bool)> = Vec::new();
+        let mut seen: std::collections::BTreeSet<(&str, bool)> = std::collections::BTreeSet::new();
+        let exe = self.image.task.exe.clone();
+        let mapped_files = vmas.iter().filter_map(|v| {
+            let writable = v.is_shared() && v.prot & libc::PROT_WRITE as u32 != 0;
+            v.file.as_ref().map(|f| (f, writable))
+        });
+        for (file, writable) in mapped_files.chain(exe.as_ref().map(|e| (e, false))) {
+            if seen.insert((file.path.as_str(), writable)) {
+                files.push((file.clone(), writable));
+            }
+        }
+        let uffd_close = opens.len();
+        for (file, writable) in &files {
+            opens.push(open_call(file, *writable)?);
+        }
+        let opened = match self.run_batch_raw(leader, &opens) {
+            Ok(r) => r,
+            Err(BatchError::Call { index, errno }) if index >= uffd_close => {
+                return Err(RestoreError::FileMissing {
+                    path: files[index - uffd_close].0.path.clone(),
+                    source: std::io::Error::from_raw_os_error(errno.0),
+                })
+            }
+            Err(BatchError::Call { index, errno }) => return Err(RestoreError::at(opens[index].what.clone(), errno)),
+            Err(BatchError::Restore(e)) => return Err(e),
+        };
+        let mut fds: BTreeMap<(String, bool), u64> = BTreeMap::new();
+        for ((file, writable), fd) in files.iter().zip(&opened[uffd_close..]) {
+            let found = identity_of(&file.path, format!("/proc/{}/fd/{fd}", self.pid).as_ref())?;
+            check_file(file, found)?;
+            fds.insert((file.path.clone(), *writable), *fd);
+        }
+        self.exe_fd = exe.as_ref().and_then(|e| fds.get(&(e.path.clone(), false)).copied());
+        let mut written = Vec::with_capacity(vmas.len());
         let mut lazy_vmas: Vec<(u64, u64)> = Vec::new();
+        let mut maps: Vec<Call> = Vec::with_capacity(vmas.len() + fds.len());
         for v in &vmas {
             let is_lazy = uffd.as_ref().is_some_and(|(_, source)| lazy::is_lazy_vma(v, source.as_ref()));
             if is_lazy {
@@ -470,34 +902,33 @@ impl Driver<'_> {
             let mut fd = u64::MAX;
             if let Some(file) = &v.file {
                 let writable = v.is_shared() && v.prot & libc::PROT_WRITE as u32 != 0;
-                fd = match fds.get(&(file.path.clone(), writable)) {
-                    Some(&fd) => fd,
-                    None => {
-                        let fd = self.open_checked(file, writable)?;
-                        fds.insert((file.path.clone(), writable), fd);
-                        fd
-                    }
-                };
+                fd = fds[&(file.path.clone(), writable)];
             } else {
                 flags |= libc::MAP_ANONYMOUS as u64;
             }
-            let got = self.sys(
-                leader,
-                "mmap(vma)",
+            maps.push(Call::new(
+                format!("mmap of {:#x}-{:#x}", v.start, v.end),
                 libc::SYS_mmap,
                 [v.start, v.len(), u64::from(prot), flags, fd, v.pgoff],
-            )?;
-            if got != v.start {
+            ));
+            written.push((v, fill, prot));
+        }
+        // The map fds go with the mappings (the exe's stays for PR_SET_MM_MAP).
+        for fd in fds.values().filter(|&&fd| Some(fd) != self.exe_fd) {
+            maps.push(Call::new("close(map fd)", libc::SYS_close, [*fd, 0, 0, 0, 0, 0]));
+        }
+        let mapped = self.run_batch(leader, &maps)?;
+        for ((v, _, _), got) in written.iter().zip(&mapped) {
+            if *got != v.start {
                 return Err(RestoreError::at(
                     format!("mmap of {:#x}-{:#x}", v.start, v.end),
                     format!("landed at {got:#x}"),
                 ));
             }
-            written.push((v, fill, prot));
         }
-        for (_, fd) in fds {
-            self.sys(leader, "close(map fd)", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-        }
+
+        self.timings.mmap_ns = ns(step);
+        let step = Instant::now();
 
         // 4b. Lazy VMAs: registered and the thread started now, before anything below can
         // touch them (rseq registration writes into the thread's TLS).
@@ -508,6 +939,9 @@ impl Driver<'_> {
             self.lazy = Some(handle);
         }
 
+        self.timings.lazy_start_ns = ns(step);
+        let step = Instant::now();
+
         // 5. Pages: gathered into batches, then written by parallel writers (write_parallel).
         let mut batches = Vec::new();
         for (v, fill, _) in &written {
@@ -517,86 +951,39 @@ impl Driver<'_> {
         }
         self.bytes_written += write_parallel(self.pid, &batches)?;
 
+        self.timings.write_ns = ns(step);
+        let step = Instant::now();
+
         // 6. Final protections.
-        for (v, _, prot) in &written {
-            if *prot != v.prot {
-                self.sys(
-                    leader,
-                    "mprotect",
-                    libc::SYS_mprotect,
-                    [v.start, v.len(), u64::from(v.prot), 0, 0, 0],
-                )?;
-            }
-        }
+        let protects: Vec<Call> = written
+            .iter()
+            .filter(|(v, _, prot)| *prot != v.prot)
+            .map(|(v, _, _)| Call::new("mprotect", libc::SYS_mprotect, [v.start, v.len(), u64::from(v.prot), 0, 0, 0]))
+            .collect();
+        self.run_batch(leader, &protects)?;
+        self.timings.protect_ns = ns(step);
+        let step = Instant::now();
 
         // 7. The mm fields, auxv and exe.
         self.set_mm()?;
+        self.timings.mm_ns = ns(step);
         Ok(())
     }
 
     /// userfaultfd(O_CLOEXEC|O_NONBLOCK) inside the process, taken with pidfd_getfd, closed in
-    /// the process (it must not keep a stray fd), features negotiated. The inner error means
-    /// "no lazy memory" (nothing registered yet); the outer one fails the restore.
+    /// the process by the next batch (`then` gets the close: it must not keep a stray fd),
+    /// features negotiated. The inner error means "no lazy memory" (nothing registered yet); the
+    /// outer one fails the restore.
     #[allow(clippy::type_complexity)]
-    fn make_uffd(&mut self) -> Result<Result<(lazy::Uffd, u64), lazy::LazySetupError>, RestoreError> {
+    fn make_uffd(&mut self, then: &mut Vec<Call>) -> Result<Result<(lazy::Uffd, u64), lazy::LazySetupError>, RestoreError> {
         let pid = self.pid;
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
         let fd = match self.sys(self.leader(), "userfaultfd", libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0]) {
             Ok(fd) => fd,
             Err(e) => return Ok(Err(lazy::LazySetupError::Create { pid, detail: e.to_string() })),
         };
-        let stolen = lazy::steal(pid, fd as i32);
-        self.sys(self.leader(), "close(userfaultfd)", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-        Ok(stolen)
-    }
-
-    fn mremap(&mut self, from: u64, len: u64, to: u64) -> Result<(), RestoreError> {
-        let got = self.sys(
-            self.leader(),
-            "mremap(vdso)",
-            libc::SYS_mremap,
-            [
-                from,
-                len,
-                len,
-                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                to,
-                0,
-            ],
-        )?;
-        if got != to {
-            return Err(RestoreError::at("mremap(vdso)", format!("landed at {got:#x}")));
-        }
-        Ok(())
-    }
-
-    /// Opens `file` inside the process by path and checks it is still the image's file.
-    fn open_checked(&mut self, file: &FileIdentity, writable: bool) -> Result<u64, RestoreError> {
-        let path = self.scratch();
-        let mut bytes = file.path.as_bytes().to_vec();
-        bytes.push(0);
-        if bytes.len() > (TRAMPOLINE_LEN - SCRATCH_OFF) as usize {
-            return Err(RestoreError::Unsupported(format!("path too long: {}", file.path)));
-        }
-        self.write(path, &bytes)?;
-        let flags = if writable { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_CLOEXEC;
-        let fd = self
-            .sys(
-                self.leader(),
-                &format!("open({})", file.path),
-                libc::SYS_openat,
-                [libc::AT_FDCWD as u64, path, flags as u64, 0, 0, 0],
-            )
-            .map_err(|e| match e {
-                RestoreError::Failed { detail, .. } => RestoreError::FileMissing {
-                    path: file.path.clone(),
-                    source: std::io::Error::other(detail),
-                },
-                other => other,
-            })?;
-        let found = identity_of(&file.path, format!("/proc/{}/fd/{fd}", self.pid).as_ref())?;
-        check_file(file, found)?;
-        Ok(fd)
+        then.push(Call::new("close(userfaultfd)", libc::SYS_close, [fd, 0, 0, 0, 0, 0]));
+        Ok(lazy::steal(pid, fd as i32))
     }
 
     /// Gathers the VMA's pages from the store into write batches (at most 512 runs or 16 MiB
@@ -640,10 +1027,8 @@ impl Driver<'_> {
     fn set_mm(&mut self) -> Result<(), RestoreError> {
         let mm = &self.image.mm;
         let leader = self.leader();
-        let exe_fd = match &self.image.task.exe {
-            Some(exe) => self.open_checked(&exe.clone(), false)?,
-            None => u64::from(u32::MAX),
-        };
+        // The exe was opened and checked with the mapped files (build_memory).
+        let exe_fd = self.exe_fd.unwrap_or(u64::from(u32::MAX));
         let auxv_addr = self.scratch() + 256;
         let mut st = Vec::with_capacity(104);
         for w in [
@@ -668,18 +1053,20 @@ impl Driver<'_> {
         if auxv.len() > 2048 {
             return Err(RestoreError::Unsupported("auxv larger than 2 KiB".into()));
         }
+        // prctl_mm_map then the auxv 256 bytes further, one write.
+        let len = st.len();
+        st.resize(256, 0);
+        st.extend_from_slice(&auxv);
         self.write(self.scratch(), &st)?;
-        self.write(auxv_addr, &auxv)?;
-        let r = self.sys(
-            leader,
+        let mut calls = vec![Call::new(
             "prctl(PR_SET_MM_MAP)",
             libc::SYS_prctl,
-            [PR_SET_MM, PR_SET_MM_MAP, self.scratch(), st.len() as u64, 0, 0],
-        );
-        if exe_fd != u64::from(u32::MAX) {
-            self.sys(leader, "close(exe fd)", libc::SYS_close, [exe_fd, 0, 0, 0, 0, 0])?;
+            [PR_SET_MM, PR_SET_MM_MAP, self.scratch(), len as u64, 0, 0],
+        )];
+        if let Some(fd) = self.exe_fd.take() {
+            calls.push(Call::new("close(exe fd)", libc::SYS_close, [fd, 0, 0, 0, 0, 0]));
         }
-        r.map(drop)
+        self.run_batch(leader, &calls).map(drop)
     }
 
     // --- task -------------------------------------------------------------------------------
@@ -687,34 +1074,29 @@ impl Driver<'_> {
     fn build_task(&mut self) -> Result<(), RestoreError> {
         let leader = self.leader();
         let t = &self.image.task;
-        let s = self.scratch();
-        for sa in &t.sigactions {
-            self.write(s, &sa.to_kernel())?;
-            self.sys(
-                leader,
-                &format!("rt_sigaction({})", sa.signal),
-                libc::SYS_rt_sigaction,
-                [sa.signal as u64, s, 0, 8, 0, 0],
-            )?;
-        }
+        // Every sigaction, the personality and the prctls: one batch.
+        let mut calls: Vec<Call> = t
+            .sigactions
+            .iter()
+            .map(|sa| {
+                Call::new(format!("rt_sigaction({})", sa.signal), libc::SYS_rt_sigaction, [sa.signal as u64, 0, 0, 8, 0, 0])
+                    .with_data(1, sa.to_kernel())
+            })
+            .collect();
         if t.personality != 0 {
-            self.sys(
-                leader,
-                "personality",
-                libc::SYS_personality,
-                [u64::from(t.personality), 0, 0, 0, 0, 0],
-            )?;
+            calls.push(Call::new("personality", libc::SYS_personality, [u64::from(t.personality), 0, 0, 0, 0, 0]));
         }
         let prctl = |opt: i32, arg: u64| [opt as u64, arg, 0, 0, 0, 0];
         if t.dumpable != 1 {
-            self.sys(leader, "PR_SET_DUMPABLE", libc::SYS_prctl, prctl(libc::PR_SET_DUMPABLE, t.dumpable as u64))?;
+            calls.push(Call::new("PR_SET_DUMPABLE", libc::SYS_prctl, prctl(libc::PR_SET_DUMPABLE, t.dumpable as u64)));
         }
         if t.pdeathsig != 0 {
-            self.sys(leader, "PR_SET_PDEATHSIG", libc::SYS_prctl, prctl(libc::PR_SET_PDEATHSIG, t.pdeathsig as u64))?;
+            calls.push(Call::new("PR_SET_PDEATHSIG", libc::SYS_prctl, prctl(libc::PR_SET_PDEATHSIG, t.pdeathsig as u64)));
         }
         if t.child_subreaper {
-            self.sys(leader, "PR_SET_CHILD_SUBREAPER", libc::SYS_prctl, prctl(libc::PR_SET_CHILD_SUBREAPER, 1))?;
+            calls.push(Call::new("PR_SET_CHILD_SUBREAPER", libc::SYS_prctl, prctl(libc::PR_SET_CHILD_SUBREAPER, 1)));
         }
+        self.run_batch(leader, &calls)?;
         // Resource limits, from outside.
         for r in &t.rlimits {
             let mut cur = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
@@ -737,34 +1119,47 @@ impl Driver<'_> {
     // --- threads ----------------------------------------------------------------------------
 
     fn build_threads(&mut self) -> Result<(), RestoreError> {
+        let step = Instant::now();
         let leader = self.leader();
         let image = self.image;
         let s = self.scratch();
-        for t in image.threads.iter().filter(|t| t.tid != image.source.ns_pid) {
-            let set_tid_at = s + 128;
-            let args = CloneArgs {
-                flags: (libc::CLONE_VM
-                    | libc::CLONE_FS
-                    | libc::CLONE_FILES
-                    | libc::CLONE_SIGHAND
-                    | libc::CLONE_THREAD
-                    | libc::CLONE_SYSVSEM) as u64,
-                set_tid: set_tid_at,
-                set_tid_size: 1,
-                ..CloneArgs::default()
-            };
-            self.write(s, &args.to_bytes())?;
-            self.write(set_tid_at, &t.tid.to_le_bytes())?;
-            let got = self.sys(
-                leader,
-                &format!("clone3(thread {})", t.tid),
-                libc::SYS_clone3,
-                [s, 88, 0, 0, 0, 0],
-            )?;
-            let tid = Tid::from_raw(got as i32);
-            if got as i32 != t.tid {
-                return Err(RestoreError::at("clone3(thread)", format!("got tid {got}, wanted {}", t.tid)));
+        // Every other thread: clone3(set_tid = [tid]) from the leader, in batches. Each call's
+        // clone_args and its set_tid word sit in the scratch area (the args point into it).
+        let others: Vec<&crate::image::ThreadImage> = image.threads.iter().filter(|t| t.tid != image.source.ns_pid).collect();
+        const PER_THREAD: u64 = 96; // clone_args (88) + set_tid (pid_t, padded)
+        let per_batch = ((BATCH_OFF - SCRATCH_OFF) / PER_THREAD) as usize;
+        for chunk in others.chunks(per_batch) {
+            let mut bytes = Vec::with_capacity(chunk.len() * PER_THREAD as usize);
+            let mut calls = Vec::with_capacity(chunk.len());
+            for (i, t) in chunk.iter().enumerate() {
+                let at = s + i as u64 * PER_THREAD;
+                let args = CloneArgs {
+                    flags: (libc::CLONE_VM
+                        | libc::CLONE_FS
+                        | libc::CLONE_FILES
+                        | libc::CLONE_SIGHAND
+                        | libc::CLONE_THREAD
+                        | libc::CLONE_SYSVSEM) as u64,
+                    set_tid: at + 88,
+                    set_tid_size: 1,
+                    ..CloneArgs::default()
+                };
+                bytes.extend_from_slice(&args.to_bytes());
+                bytes.extend_from_slice(&i64::from(t.tid).to_le_bytes());
+                calls.push(Call::new(format!("clone3(thread {})", t.tid), libc::SYS_clone3, [at, 88, 0, 0, 0, 0]));
             }
+            self.write(s, &bytes)?;
+            let got = self.run_batch(leader, &calls)?;
+            for (t, got) in chunk.iter().zip(got) {
+                if got as i32 != t.tid {
+                    return Err(RestoreError::at("clone3(thread)", format!("got tid {got}, wanted {}", t.tid)));
+                }
+            }
+        }
+        // PTRACE_O_TRACECLONE attached each new thread; it reports a first stop before its
+        // first instruction (most were seen already while the batch ran).
+        for t in &others {
+            let tid = Tid::from_raw(t.tid);
             while !self.threads.get(&tid).is_some_and(|s| s.stopped) {
                 let stop = self
                     .wait_for(tid)
@@ -779,34 +1174,37 @@ impl Driver<'_> {
             self.stopped(tid)?;
             ptrace::set_sigmask(tid, u64::MAX).map_err(|e| RestoreError::at("blocking signals", e))?;
         }
+        self.timings.thread_clone_ns = ns(step);
+        let step = Instant::now();
+        // Each thread's own state, set by itself: one batch per thread, all running at once.
+        let mut work: Vec<(Tid, Vec<Call>)> = Vec::with_capacity(image.threads.len());
         for t in &image.threads {
-            let tid = Tid::from_raw(t.tid);
+            let mut calls = Vec::with_capacity(5);
             if !t.altstack.is_disabled() {
-                self.write(s, &t.altstack.to_kernel())?;
-                self.sys(tid, "sigaltstack", libc::SYS_sigaltstack, [s, 0, 0, 0, 0, 0])?;
+                calls.push(Call::new("sigaltstack", libc::SYS_sigaltstack, [0, 0, 0, 0, 0, 0]).with_data(0, t.altstack.to_kernel()));
             }
             if t.robust_list != 0 {
-                self.sys(
-                    tid,
+                calls.push(Call::new(
                     "set_robust_list",
                     libc::SYS_set_robust_list,
                     [t.robust_list, t.robust_list_len, 0, 0, 0, 0],
-                )?;
+                ));
             }
-            self.sys(tid, "set_tid_address", libc::SYS_set_tid_address, [t.clear_child_tid, 0, 0, 0, 0, 0])?;
+            calls.push(Call::new("set_tid_address", libc::SYS_set_tid_address, [t.clear_child_tid, 0, 0, 0, 0, 0]));
             if let Some(r) = t.rseq {
-                self.sys(
-                    tid,
-                    "rseq",
-                    SYS_RSEQ,
-                    [r.ptr, u64::from(r.len), 0, u64::from(r.sig), 0, 0],
-                )?;
+                calls.push(Call::new("rseq", SYS_RSEQ, [r.ptr, u64::from(r.len), 0, u64::from(r.sig), 0, 0]));
             }
             let mut comm = t.comm.as_bytes().to_vec();
             comm.truncate(15);
             comm.push(0);
-            self.write(s, &comm)?;
-            self.sys(tid, "PR_SET_NAME", libc::SYS_prctl, [libc::PR_SET_NAME as u64, s, 0, 0, 0, 0])?;
+            calls.push(Call::new("PR_SET_NAME", libc::SYS_prctl, [libc::PR_SET_NAME as u64, 0, 0, 0, 0, 0]).with_data(1, comm));
+            work.push((Tid::from_raw(t.tid), calls));
+        }
+        self.run_batches(&work)?;
+        // Pending signals one by one, after every batch: a batch runs with SIGTRAP deliverable
+        // (its stop), and a pending SIGTRAP queued before would be taken for that stop.
+        for t in &image.threads {
+            let tid = Tid::from_raw(t.tid);
             for p in &t.pending {
                 self.write(s, &p.raw)?;
                 self.sys(
@@ -826,6 +1224,7 @@ impl Driver<'_> {
                 [self.pid.as_raw() as u64, p.signal as u64, s, 0, 0, 0],
             )?;
         }
+        self.timings.thread_state_ns = ns(step);
         Ok(())
     }
 
@@ -862,6 +1261,18 @@ impl Driver<'_> {
     }
 }
 
+/// openat(AT_FDCWD, file's path) inside the process, read-only or read-write, close-on-exec.
+fn open_call(file: &FileIdentity, writable: bool) -> Result<Call, RestoreError> {
+    let mut path = file.path.as_bytes().to_vec();
+    path.push(0);
+    if path.len() > libc::PATH_MAX as usize {
+        return Err(RestoreError::Unsupported(format!("path too long: {}", file.path)));
+    }
+    let flags = if writable { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_CLOEXEC;
+    Ok(Call::new(format!("open({})", file.path), libc::SYS_openat, [libc::AT_FDCWD as u64, 0, flags as u64, 0, 0, 0])
+        .with_data(1, path))
+}
+
 /// The lowest page-aligned gap of `len` bytes above 1 MiB not overlapping `taken` (pure).
 fn free_gap(taken: &[(u64, u64)], len: u64) -> Option<u64> {
     let mut v: Vec<(u64, u64)> = taken.to_vec();
@@ -881,6 +1292,47 @@ fn free_gap(taken: &[(u64, u64)], len: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn word(bytes: &[u8], i: usize) -> u64 {
+        u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn batches_are_packed_table_first_then_data() {
+        let calls = vec![
+            Call::new("a", 1, [10, 11, 12, 13, 14, 15]),
+            Call::new("b", 2, [0, 21, 0, 0, 0, 0]).with_data(0, *b"path\0"),
+            Call::new("c", 3, [30, 0, 32, 0, 0, 0]).with_data(1, [7u8; 9]),
+        ];
+        let p = pack(&calls, 0x1000, 4096).unwrap();
+        assert_eq!(p.n, 3);
+        assert_eq!(p.end, 0x1000 + 3 * 64);
+        // Entry: nr, six args, the not-run marker.
+        assert_eq!((0..8).map(|i| word(&p.bytes, i)).collect::<Vec<_>>(), vec![1, 10, 11, 12, 13, 14, 15, BATCH_NOT_RUN]);
+        // Data follow the table, each 8-aligned; their addresses replace the argument named.
+        assert_eq!(word(&p.bytes, 8 + 1), p.end);
+        assert_eq!(word(&p.bytes, 8 + 2), 21);
+        assert_eq!(word(&p.bytes, 16 + 2), p.end + 8);
+        assert_eq!(word(&p.bytes, 16 + 3), 32);
+        assert_eq!(&p.bytes[3 * 64..3 * 64 + 5], b"path\0");
+        assert_eq!(&p.bytes[3 * 64 + 8..3 * 64 + 17], &[7u8; 9]);
+        assert_eq!(p.bytes.len(), 3 * 64 + 8 + 16);
+        // Only what fits: two entries and the first call's data, then the rest next time.
+        let p = pack(&calls, 0x1000, 2 * 64 + 8 + 15).unwrap();
+        assert_eq!(p.n, 2);
+        // Nothing fits: an error naming the call.
+        let err = pack(&calls[2..], 0x1000, 64).err().unwrap();
+        assert!(matches!(err, BatchError::Restore(RestoreError::Failed { ref step, .. }) if step == "c"), "{err:?}");
+        assert_eq!(pack(&[], 0x1000, 64).unwrap().n, 0);
+    }
+
+    #[test]
+    fn the_batch_runner_fits_before_the_scratch_area() {
+        let code = batch_code();
+        assert!(!code.is_empty() && code.len() as u64 <= SCRATCH_OFF - BATCH_CODE_OFF, "{} bytes", code.len());
+        // It contains the two syscalls: its calls' and its tgkill.
+        assert_eq!(code.windows(2).filter(|w| w == &[0x0f, 0x05]).count(), 2);
+    }
 
     #[test]
     fn gaps() {

@@ -184,7 +184,80 @@ pub(crate) struct Started {
     pub control: OwnedFd,
 }
 
+/// What the vfork child needs, prepared by the parent before the clone (the child shares the
+/// parent's memory and reads this from the parent's stack frame, which cannot go away: the
+/// parent's thread is suspended until the child has exec'd or exited).
+#[repr(C)]
+struct ChildArgs {
+    memfd: RawFd,
+    child_sock: RawFd,
+    empty: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+}
+
+/// The vfork child's own stack (16-byte aligned; the child only makes raw syscalls).
+#[repr(C, align(16))]
+struct ChildStack([u8; 32 << 10]);
+
+/// A raw syscall that does not touch errno: the vfork child runs on the parent's memory and its
+/// TLS, so nothing it does may write there (libc's `syscall()` sets errno on failure).
+#[inline(always)]
+unsafe fn raw_syscall(nr: i64, a: u64, b: u64, c: u64, d: u64, e: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: the caller passes arguments valid for syscall `nr`; `syscall` clobbers rcx and
+    // r11 only, and touches no memory of ours beyond what the arguments point at.
+    unsafe {
+        core::arch::asm!("syscall", inlateout("rax") nr => ret, in("rdi") a, in("rsi") b, in("rdx") c,
+            in("r10") d, in("r8") e, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
+/// The child between clone3 and execveat: control socket to fd 3, every other fd closed (its
+/// own copy of the fd table), the stub exec'd from the memfd. Runs on [`ChildStack`] with the
+/// parent's memory, so it only makes raw syscalls on the prepared [`ChildArgs`]; it never
+/// returns (exec or exit).
+extern "C" fn stub_child(args: *const ChildArgs) -> ! {
+    // SAFETY: `args` points at the parent's ChildArgs, alive while the parent is suspended
+    // (CLONE_VFORK); every syscall below takes integers or pointers into it.
+    unsafe {
+        let a = &*args;
+        let m = raw_syscall(libc::SYS_fcntl, a.memfd as u64, libc::F_DUPFD_CLOEXEC as u64, 10, 0, 0);
+        if a.child_sock == CONTROL_FD {
+            raw_syscall(libc::SYS_fcntl, CONTROL_FD as u64, libc::F_SETFD as u64, 0, 0, 0);
+        } else {
+            raw_syscall(libc::SYS_dup2, a.child_sock as u64, CONTROL_FD as u64, 0, 0, 0);
+        }
+        if m >= 10 {
+            raw_syscall(libc::SYS_close_range, 0, 2, 0, 0, 0);
+            raw_syscall(libc::SYS_close_range, 4, m as u64 - 1, 0, 0, 0);
+            raw_syscall(libc::SYS_close_range, m as u64 + 1, u64::from(u32::MAX), 0, 0, 0);
+            raw_syscall(
+                libc::SYS_execveat,
+                m as u64,
+                a.empty as u64,
+                a.argv as u64,
+                a.envp as u64,
+                libc::AT_EMPTY_PATH as u64,
+            );
+        }
+        loop {
+            raw_syscall(libc::SYS_exit_group, 127, 0, 0, 0, 0);
+        }
+    }
+}
+
 /// clone3(set_tid = [pid]) + execveat(stub memfd). Must run on the thread that will trace it.
+///
+/// The child shares the engine's memory until its exec (CLONE_VM | CLONE_VFORK, what
+/// posix_spawn does): a plain fork would copy the page tables of the whole engine — the agent's
+/// heap and every page received for this migration, a gigabyte and more — only for the exec to
+/// tear them down again, tens of milliseconds inside the downtime. The calling thread is
+/// suspended until the child has exec'd (or exited); the child runs on its own small stack and
+/// makes raw syscalls only. Every signal is blocked around the clone so that none of the
+/// engine's handlers can run in the child on the shared memory; the stub starts with them all
+/// blocked, which it never notices (it is seized and given the image's masks).
 pub(crate) fn clone_stub(pid: i32) -> Result<Started, RestoreError> {
     let memfd = stub_memfd()?;
     let mut pair = [0i32; 2];
@@ -203,54 +276,66 @@ pub(crate) fn clone_stub(pid: i32) -> Result<Started, RestoreError> {
     })?;
     let control = owned(pair[0]);
     let child_end = owned(pair[1]);
-    let set_tid = [pid];
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: set_tid.as_ptr() as u64,
-        set_tid_size: 1,
-        ..CloneArgs::default()
-    };
     let argv0 = c"tern-stub";
     let argv: [*const libc::c_char; 2] = [argv0.as_ptr(), std::ptr::null()];
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
     let empty = c"";
-    let child_sock = child_end.as_raw_fd();
-    // SAFETY: clone3 reads `args` (and the set_tid array), both alive. In the child (a copy of
-    // this multi-threaded process) only raw async-signal-safe syscalls run before execveat or
-    // _exit, touching nothing but prepared locals.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
+    let child_args = ChildArgs {
+        memfd,
+        child_sock: child_end.as_raw_fd(),
+        empty: empty.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
     };
-    if ret == 0 {
-        // SAFETY: child side, see above.
-        unsafe {
-            let m = libc::syscall(libc::SYS_fcntl, memfd, libc::F_DUPFD_CLOEXEC, 10) as i64;
-            if child_sock == CONTROL_FD {
-                libc::syscall(libc::SYS_fcntl, CONTROL_FD, libc::F_SETFD, 0);
-            } else {
-                libc::syscall(libc::SYS_dup2, child_sock, CONTROL_FD);
-            }
-            libc::syscall(libc::SYS_close_range, 0, 2, 0);
-            libc::syscall(libc::SYS_close_range, 4, m - 1, 0);
-            libc::syscall(libc::SYS_close_range, m + 1, u32::MAX, 0);
-            libc::syscall(
-                libc::SYS_execveat,
-                m,
-                empty.as_ptr(),
-                argv.as_ptr(),
-                envp.as_ptr(),
-                libc::AT_EMPTY_PATH,
-            );
-            libc::syscall(libc::SYS_exit_group, 127);
-        }
-        unreachable!("exit_group returned");
+    let mut stack = Box::new(ChildStack([0; 32 << 10]));
+    let set_tid = [pid];
+    let args = CloneArgs {
+        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack.0.as_mut_ptr() as u64,
+        stack_size: stack.0.len() as u64,
+        set_tid: set_tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask write only the local sets.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both point at live local sigset_t values.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
+    let ret: i64;
+    // SAFETY: clone3 reads `args`, the set_tid array and nothing else of ours. In the parent
+    // (rax != 0) only rax, rcx and r11 change. The child (rax == 0) starts on `stack`'s top
+    // with every other register as the parent had it, and calls stub_child(&child_args), which
+    // never returns; `stack`, `child_args` and what it points at live in this frame, which
+    // cannot end before the child has exec'd or exited (CLONE_VFORK suspends this thread).
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") &child_args as *const ChildArgs,
+            in("r13") stub_child as extern "C" fn(*const ChildArgs) -> !,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    // SAFETY: restores this thread's own mask from a live local.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
     if ret < 0 {
-        let errno = Errno::last();
+        let errno = Errno(-ret as i32);
         return Err(if errno == Errno(libc::EEXIST) {
             RestoreError::PidTaken { pid }
         } else {
@@ -370,5 +455,49 @@ pub(crate) fn hand_over(
             errno: Errno(-reply.status),
         });
     }
-    Ok(())
+    // The stub closes its end right after replying. Until it has, the control socket is still
+    // one of its fds, and seizing it now (it is stopped wherever it is and never runs again)
+    // would leave that socket in the restored process, at the first number above its own fds.
+    // The stub holds the only other reference to the pair, so end of file here means it is
+    // closed.
+    wait_for_close(control, timeout)
+}
+
+/// Waits until the peer of `control` has closed its end (recv returns 0), at most `timeout`.
+fn wait_for_close(control: &OwnedFd, timeout: Duration) -> Result<(), RestoreError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd { fd: control.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll on one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) };
+        if r < 0 && Errno::last() == Errno(libc::EINTR) {
+            continue;
+        }
+        if r == 0 && left.is_zero() {
+            return Err(RestoreError::Failed {
+                step: "stub handover".into(),
+                detail: format!("the stub did not close its control socket within {timeout:?}"),
+            });
+        }
+        let mut buf = [0u8; 64];
+        // SAFETY: recv into a local buffer, without waiting.
+        let n = unsafe { libc::recv(control.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        match n {
+            0 => return Ok(()),
+            n if n < 0 && Errno::last() == Errno(libc::EAGAIN) => continue,
+            n if n < 0 => {
+                return Err(RestoreError::Failed {
+                    step: "stub handover: waiting for the stub to close its control socket".into(),
+                    detail: Errno::last().to_string(),
+                })
+            }
+            _ => {
+                return Err(RestoreError::Failed {
+                    step: "stub handover".into(),
+                    detail: "the stub sent more after its reply".into(),
+                })
+            }
+        }
+    }
 }
