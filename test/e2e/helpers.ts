@@ -139,7 +139,9 @@ export async function migrate(
 
 /** True when `pid` runs in `host`'s pid namespace (as that host sees it). */
 export async function runsOn(lab: Lab, host: string, pid: number): Promise<boolean> {
-  const r = await lab.run(host, ['sh', '-c', `test -d /proc/${pid} && ! grep -q '^State:.*Z' /proc/${pid}/status`]);
+  // One read of the status: between a `test -d` and a grep the zombie may be reaped (grep then
+  // fails and a process that is gone would count as running).
+  const r = await lab.run(host, ['sh', '-c', `s=$(cat /proc/${pid}/status 2>/dev/null) && ! printf %s "$s" | grep -q '^State:.*Z'`]);
   return r.code === 0;
 }
 
