@@ -134,10 +134,10 @@ t.test('pre-copy: the switchover cost measured between two hosts is remembered f
   const one = await first.coordinator.settled(first.coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'precopy' }).id);
   t.equal(one.state, 'done');
   const starts = () => a.calls.filter((c) => c.step === 'precopy').map((c) => (c.body as { fixedCostMs: number }).fixedCostMs);
-  t.equal(starts()[0], 150, 'the first pre-copy between two hosts assumes the default');
+  t.equal(starts()[0], 60, 'the first pre-copy between two hosts assumes the default');
   first.coordinator.close();
   const learned = new MigrationStore(db).switchoverOverhead('hostA', 'hostB');
-  t.ok(learned !== undefined && learned < 150, `learned ${learned?.toFixed(1)} ms from the first`);
+  t.ok(learned !== undefined && learned !== 60, `learned ${learned?.toFixed(1)} ms from the first`);
   const second = coordinatorOn(t, db, [a.host, b.host]);
   const two = await second.coordinator.settled(second.coordinator.create({ from: 'hostA', to: 'hostB', pid: 43, mode: 'precopy' }).id);
   t.equal(two.state, 'done');

@@ -71,6 +71,7 @@ t.test('1 GiB written at 5 MB/s: rounds while it runs, only the last dirty pages
   const stats = m.record!.stats as { pages: { dirty: number } };
   t.ok(stats.pages.dirty < (GiB / 4096) * 0.05, `the freeze carried ${stats.pages.dirty} pages, under 5 % of the region`);
   t.notOk(r.some((p) => (p.throttlePercent ?? 0) > 0), 'no throttling at a low rate');
+  t.ok(m.events.some((e) => /pre-copy ends after \d+ rounds: the predicted downtime is under the limit/.test(e.message)), 'converged under --max-downtime 100 ms (the verdict, not a figure: the downtime is printed above)');
 });
 
 t.test('a writer that outruns the link (as fast as its CPU allows): auto-converge throttles it, and the memory is still right', async (t) => {
