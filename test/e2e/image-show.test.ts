@@ -41,7 +41,7 @@ t.test('a dumped memcheck image reads back with its threads, mappings and fds', 
   t.equal(json.code, 0, json.stderr);
   const doc = JSON.parse(json.stdout) as Record<string, unknown>;
   const img = (doc.image ?? doc) as { version: number; source: { pid: number }; threads: unknown[]; mm: { vmas: unknown[] }; fds: unknown[] };
-  t.equal(img.version, 1, 'image version 1');
+  t.equal(img.version, 2, 'image version 2');
   t.equal(img.source.pid, pid, 'the source pid');
   const threads = Number(/Threads:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]);
   t.equal(img.threads.length, threads, `one entry per thread (${threads})`);

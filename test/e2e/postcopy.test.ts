@@ -42,6 +42,29 @@ async function verified(t: Test, status: string, pid: number, where: string) {
   t.ok(num(after, 'pages_written') > 0, 'and the writer goes on there');
 }
 
+/**
+ * Cuts hostB off from hostA's page source: hostA drops every TCP segment from hostB but the agents'
+ * control traffic, and the established pull connections are destroyed (a reset on hostA's side,
+ * silence towards hostB). Resolves to a function that lifts the cut; teardown lifts it anyway.
+ */
+async function cutPageSource(t: Test, lab: Lab, name: string): Promise<() => Promise<void>> {
+  const agentPort = lab.agents()!.port;
+  const hostB = lab.info.hosts.find((h) => h.name === 'hostB')!.address;
+  const table = `tern-${name}-${process.pid}`;
+  const lift = async () => {
+    await lab.run('hostA', ['nft', 'delete', 'table', 'inet', table]).catch(() => {});
+  };
+  t.teardown(lift);
+  const cut = await lab.run('hostA', ['sh', '-c', [
+    `nft add table inet ${table}`,
+    `nft add chain inet ${table} input '{ type filter hook input priority -10 ; }'`,
+    `nft add rule inet ${table} input ip saddr ${hostB} tcp dport != ${agentPort} drop`,
+    `ss -K -tn dst ${hostB} and not sport = :${agentPort}`,
+  ].join(' && ')]);
+  t.equal(cut.code, 0, `page source cut off from hostB (${cut.stderr})`);
+  return lift;
+}
+
 async function moved(t: Test, lab: Lab, m: Awaited<ReturnType<typeof migrate>>, pid: number, from: string, to: string, mode: string) {
   t.comment(summary(m));
   t.equal(m.code, 0, m.code === 0 ? `migrate --mode ${mode} exit 0` : `migrate exit ${m.code}: ${m.out.slice(-1200)}`);
@@ -87,26 +110,14 @@ t.test('post-copy downtime does not grow with memory size (256 MiB, 1 GiB, 4 GiB
 t.test('the pull connection cut for two seconds mid post-copy: faults wait, then everything completes', async (t) => {
   const lab = await labWithAgents(t);
   const wl = await startMemcheck(lab, 'hostA', 1024);
-  const agentPort = lab.agents()!.port;
-  const hostB = lab.info.hosts.find((h) => h.name === 'hostB')!.address;
-  const table = `tern-cut-${process.pid}`;
-  t.teardown(() => lab.run('hostA', ['nft', 'delete', 'table', 'inet', table]).catch(() => {}));
   // 100 MB/s: the background pull of 1 GiB takes ~10 s, so the cut lands in the middle of it.
   const running = migrate(lab, wl.pid, 'hostA', 'hostB', ['--mode', 'postcopy', '--bandwidth', '100']);
   await waitFor('memcheck on hostB', () => runsOn(lab, 'hostB', wl.pid), 60_000, 100);
   await sleep(1000);
-  // The cut: hostA drops every TCP segment from hostB but the agents' control traffic, and the
-  // established pull connections are destroyed (a reset on hostA's side, silence towards hostB).
-  const cut = await lab.run('hostA', ['sh', '-c', [
-    `nft add table inet ${table}`,
-    `nft add chain inet ${table} input '{ type filter hook input priority -10 ; }'`,
-    `nft add rule inet ${table} input ip saddr ${hostB} tcp dport != ${agentPort} drop`,
-    `ss -K -tn dst ${hostB} and not sport = :${agentPort}`,
-  ].join(' && ')]);
-  t.equal(cut.code, 0, `connection cut (${cut.stderr})`);
+  const lift = await cutPageSource(t, lab, 'cut');
   const cutAt = Date.now();
   await sleep(2000);
-  await lab.run('hostA', ['nft', 'delete', 'table', 'inet', table]);
+  await lift();
   const cutMs = Date.now() - cutAt;
   const m = await running;
   await moved(t, lab, m, wl.pid, 'hostA', 'hostB', 'postcopy');
@@ -121,20 +132,10 @@ t.test('the pull connection cut for two seconds mid post-copy: faults wait, then
 t.test('the source unreachable for good: the destination gives up, its copy is killed and the frozen original resumes on the source', async (t) => {
   const lab = await labWithAgents(t);
   const wl = await startMemcheck(lab, 'hostA', 512);
-  const agentPort = lab.agents()!.port;
-  const hostB = lab.info.hosts.find((h) => h.name === 'hostB')!.address;
-  const table = `tern-gone-${process.pid}`;
-  t.teardown(() => lab.run('hostA', ['nft', 'delete', 'table', 'inet', table]).catch(() => {}));
   const running = migrate(lab, wl.pid, 'hostA', 'hostB', ['--mode', 'postcopy', '--bandwidth', '50', '--give-up-after', '2']);
   await waitFor('memcheck on hostB', () => runsOn(lab, 'hostB', wl.pid), 60_000, 100);
   // Only the agents' control traffic gets through from now on: the page source is gone for hostB.
-  const cut = await lab.run('hostA', ['sh', '-c', [
-    `nft add table inet ${table}`,
-    `nft add chain inet ${table} input '{ type filter hook input priority -10 ; }'`,
-    `nft add rule inet ${table} input ip saddr ${hostB} tcp dport != ${agentPort} drop`,
-    `ss -K -tn dst ${hostB} and not sport = :${agentPort}`,
-  ].join(' && ')]);
-  t.equal(cut.code, 0, `page source cut off (${cut.stderr})`);
+  await cutPageSource(t, lab, 'gone');
   const m = await running;
   t.comment(m.out.split('\n').filter((l) => /postcopy|failed/.test(l)).slice(-4).join(' | '));
   t.equal(m.code, 3, 'migrate fails loudly (exit 3)');
