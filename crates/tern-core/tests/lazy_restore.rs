@@ -67,8 +67,8 @@ fn uffd_fds(pid: i32) -> Vec<String> {
         .collect()
 }
 
-/// Dump (cold), kill the original, restore with or without lazy memory.
-fn migrate(raw_pid: i32, lazy: bool) -> (RestoredProcess, Option<LazyHandle>) {
+/// Dump (cold) into a local store and kill the original.
+fn dump_and_kill(raw_pid: i32) -> (tern_core::image::ProcessImage, PageStore, tern_core::dump::DumpStats) {
     let pid = Pid::new(raw_pid).unwrap();
     let session = SourceSession::freeze(pid).unwrap();
     let mut store = PageStore::new();
@@ -76,6 +76,24 @@ fn migrate(raw_pid: i32, lazy: bool) -> (RestoredProcess, Option<LazyHandle>) {
     session.commit().unwrap();
     // SAFETY: reaping our own child by pid.
     unsafe { libc::waitpid(raw_pid, std::ptr::null_mut(), 0) };
+    (image, store, stats)
+}
+
+/// [`dump_and_kill`], then a lazy restore whose background fill waits for its release.
+fn migrate_held(raw_pid: i32) -> (RestoredProcess, Option<LazyHandle>) {
+    let (image, store, _) = dump_and_kill(raw_pid);
+    let recreated = tern_core::files::recreate_fds(&image.fds, &RecreateOptions::default()).unwrap();
+    let options = RestoreOptions {
+        lazy_memory: true,
+        lazy: restore::LazyOptions { background_delay: Duration::from_secs(3600), ..Default::default() },
+        ..RestoreOptions::with_files(recreated)
+    };
+    restore::restore_lazy(&image, Arc::new(store), options).unwrap()
+}
+
+/// Dump (cold), kill the original, restore with or without lazy memory.
+fn migrate(raw_pid: i32, lazy: bool) -> (RestoredProcess, Option<LazyHandle>) {
+    let (image, store, stats) = dump_and_kill(raw_pid);
     let (restored, handle) =
         restore::restore_with_files_lazy(&image, Arc::new(store), &RecreateOptions::default(), lazy).unwrap();
     let t = restored.timings;
@@ -244,20 +262,7 @@ fn return_image() -> tern_core::image::ProcessImage {
 #[test]
 fn background_fill_waits_for_its_release_faults_do_not() {
     let w = memcheck("held", 128, &[]);
-    let pid = Pid::new(w.proc.pid).unwrap();
-    let session = SourceSession::freeze(pid).unwrap();
-    let mut store = PageStore::new();
-    let (image, _) = session.dump(&mut store).unwrap();
-    session.commit().unwrap();
-    // SAFETY: reaping our own child by pid.
-    unsafe { libc::waitpid(w.proc.pid, std::ptr::null_mut(), 0) };
-    let recreated = tern_core::files::recreate_fds(&image.fds, &RecreateOptions::default()).unwrap();
-    let options = RestoreOptions {
-        lazy_memory: true,
-        lazy: restore::LazyOptions { background_delay: Duration::from_secs(3600), ..Default::default() },
-        ..RestoreOptions::with_files(recreated)
-    };
-    let (restored, handle) = restore::restore_lazy(&image, Arc::new(store), options).unwrap();
+    let (restored, handle) = migrate_held(w.proc.pid);
     let handle = handle.unwrap();
     let lazy_pages = restored.lazy.unwrap().lazy_pages;
     // The process runs and faults; nothing is copied in the background.
@@ -283,20 +288,7 @@ fn background_fill_waits_for_its_release_faults_do_not() {
 
     // Dropping the handle of a held fill releases it.
     let w = memcheck("held-drop", 64, &[]);
-    let pid = Pid::new(w.proc.pid).unwrap();
-    let session = SourceSession::freeze(pid).unwrap();
-    let mut store = PageStore::new();
-    let (image, _) = session.dump(&mut store).unwrap();
-    session.commit().unwrap();
-    // SAFETY: reaping our own child by pid.
-    unsafe { libc::waitpid(w.proc.pid, std::ptr::null_mut(), 0) };
-    let recreated = tern_core::files::recreate_fds(&image.fds, &RecreateOptions::default()).unwrap();
-    let options = RestoreOptions {
-        lazy_memory: true,
-        lazy: restore::LazyOptions { background_delay: Duration::from_secs(3600), ..Default::default() },
-        ..RestoreOptions::with_files(recreated)
-    };
-    let (_, handle) = restore::restore_lazy(&image, Arc::new(store), options).unwrap();
+    let (_, handle) = migrate_held(w.proc.pid);
     drop(handle);
     // Homed: memcheck's own sweeps go on; the userfaultfd is gone from the process.
     let s = w.status();
