@@ -170,7 +170,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 use tern_core::dump::SourceSession;
-use tern_core::pages::{Expected, MigrationId, PageSender, PageServer, PageStore, SenderOptions, Token};
+use tern_core::pages::{PageSender, PageServer, PageStore, SenderOptions};
 
 /// The destination's page server and, once a stream has completed, the pages it received.
 struct PageServerState {
@@ -215,10 +215,7 @@ pub(crate) fn socket_addr(address: &str, port: f64) -> Result<SocketAddr, Error>
 /// Binds the destination's page server for one migration (port 0: any free port).
 #[neon::export]
 fn page_server_start(address: String, port: f64, migration_id: String, token: String) -> Result<Boxed<PageServerHandle>, Error> {
-    let expected = Expected {
-        migration_id: MigrationId::from_hex(&migration_id).map_err(engine_err)?,
-        token: Token::from_hex(&token).map_err(engine_err)?,
-    };
+    let expected = pull::credentials(&migration_id, &token)?;
     let server = PageServer::bind(socket_addr(&address, port)?, expected).map_err(engine_err)?;
     Ok(Boxed(PageServerHandle(Arc::new(PageServerState { server, store: Mutex::new(None), lazy: Mutex::new(None) }))))
 }
@@ -318,10 +315,11 @@ fn source_dump(
         bandwidth_limit_bytes_per_sec: (bandwidth_bytes_per_sec > 0.0).then_some(bandwidth_bytes_per_sec as u64),
         ..SenderOptions::default()
     };
+    let credentials = pull::credentials(&migration_id, &token)?;
     let mut sender = PageSender::connect(
         socket_addr(&address, port)?,
-        MigrationId::from_hex(&migration_id).map_err(engine_err)?,
-        Token::from_hex(&token).map_err(engine_err)?,
+        credentials.migration_id,
+        credentials.token,
         options,
     )
     .map_err(engine_err)?;

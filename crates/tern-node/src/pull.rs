@@ -108,7 +108,7 @@ pub(crate) struct PageEndpoint {
 }
 
 /// A migration's id and token (hex, as JavaScript holds them), parsed.
-fn credentials(migration_id: &str, token: &str) -> Result<Expected, Error> {
+pub(crate) fn credentials(migration_id: &str, token: &str) -> Result<Expected, Error> {
     Ok(Expected {
         migration_id: MigrationId::from_hex(migration_id).map_err(engine_err)?,
         token: Token::from_hex(token).map_err(engine_err)?,
