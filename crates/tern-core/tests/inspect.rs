@@ -444,10 +444,29 @@ fn wait_for_exec(pid: Pid, comm: &str) {
     }
 }
 
+/// Waits until `pid` is blocked in nanosleep/clock_nanosleep. Right after the exec, sleep is
+/// still setting up its locale and briefly holds /usr/lib/locale files open; only once it sleeps
+/// is its fd table the steady 0, 1, 2.
+fn wait_for_nanosleep(pid: Pid) {
+    const NANOSLEEP: i64 = libc::SYS_nanosleep;
+    const CLOCK_NANOSLEEP: i64 = libc::SYS_clock_nanosleep;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        let number = syscall.split_whitespace().next().and_then(|n| n.parse::<i64>().ok());
+        if matches!(number, Some(NANOSLEEP | CLOCK_NANOSLEEP)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} never went to sleep: {syscall:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn plain_sleep_is_movable() {
     let sleep = spawn_sleep();
     wait_for_exec(sleep.pid(), "sleep");
+    wait_for_nanosleep(sleep.pid());
     assert_eq!(
         validate_target(i64::from(sleep.pid().as_raw())).unwrap(),
         sleep.pid()
@@ -458,7 +477,7 @@ fn plain_sleep_is_movable() {
         .exe
         .as_deref()
         .is_some_and(|e| e.ends_with("/sleep")));
-    assert_eq!(inventory.fds.len(), 3);
+    assert_eq!(inventory.fds.len(), 3, "{:#?}", inventory.fds);
     let report = check(&inventory);
     assert!(report.movable, "{:#?}", report.blockers);
     assert!(report.blockers.is_empty());
