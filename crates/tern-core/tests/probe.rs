@@ -72,5 +72,6 @@ fn probe_reports_consistently_and_fast() {
         "probe_kernel: {per_probe:?} per call (first: {} µs)",
         first.elapsed_ns / 1000
     );
-    assert!(per_probe.as_millis() < 50);
+    // Wide margin: a loaded 2-core CI machine; the probe takes well under 5 ms here.
+    assert!(per_probe.as_millis() < 250, "{per_probe:?}");
 }

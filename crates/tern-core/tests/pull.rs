@@ -523,7 +523,7 @@ fn a_source_gone_for_good_is_a_loud_error() {
     // Everything after is an error at once, and the fill is told to go on (to meet the error).
     let t0 = Instant::now();
     assert!(src.with_data(f.region + P, P, &mut |_| {}).is_err());
-    assert!(t0.elapsed() < Duration::from_millis(100));
+    assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
     assert_eq!(src.next_ready(), Ready::Anywhere);
 }
 
