@@ -1,4 +1,5 @@
-//! tern-stub: the program a restored process starts life as, and its protocol.
+//! tern-stub: the program a restored process starts life as, and its protocol; and the guard
+//! a lazy restore leaves beside the process.
 //!
 //! The stub itself is `src/stub/main.rs`: a `#![no_std]`, `#![no_main]` static binary with its
 //! own `_start` and raw syscalls (no libc, no dynamic loader, one loadable segment), compiled by
@@ -7,9 +8,18 @@
 //! so no stub file has to be installed on the destination.
 //!
 //! [`protocol`] is the conversation between engine and stub (see its header).
+//!
+//! The guard is `src/guard/main.rs`, built and started the same way ([`GUARD_ELF`]): while a
+//! restored process's memory is still lazy it holds a dup of its userfaultfd and kills the process
+//! if the engine dies (see [`guard_protocol`], and tern-core's restore/guard.rs). Both programs
+//! share their runtime (`src/rt.rs`: `_start`, raw syscalls, panic handler, mem* functions).
 #![no_std]
 
+pub mod guard_protocol;
 pub mod protocol;
 
 /// The stub's executable (static ELF).
 pub static ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tern-stub"));
+
+/// The guard's executable (static ELF).
+pub static GUARD_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tern-guard"));

@@ -1,35 +1,28 @@
 //! tern-stub: what a restored process is before it becomes the process (see ../lib.rs and
-//! ../protocol.rs for the conversation). No libc: raw syscalls, its own `_start`.
+//! ../protocol.rs for the conversation). No libc: raw syscalls, its own `_start` (../rt.rs,
+//! shared with the guard).
 #![no_std]
 #![no_main]
 #![allow(clippy::missing_safety_doc)]
+
+#[path = "../rt.rs"]
+mod rt;
 
 #[path = "../protocol.rs"]
 #[allow(dead_code)]
 mod protocol;
 
-use core::arch::{asm, global_asm};
 use protocol::{
     FdBatch, FdSlot, Plan, Pod, Reply, Step, CONTROL_FD, FIXUP_EPOLL_ADD, FIXUP_RECORD_LEN, MAGIC,
     MAX_BATCH, MAX_FIXUPS_PER_MSG, VERSION,
 };
+use rt::{exit, sc, sys, SYS_CLOSE};
 
-global_asm!(
-    ".globl _start",
-    "_start:",
-    "xor ebp, ebp",
-    "and rsp, -16",
-    "call stub_main",
-    "ud2",
-);
-
-const SYS_CLOSE: i64 = 3;
 const SYS_DUP2: i64 = 33;
 const SYS_PAUSE: i64 = 34;
 const SYS_GETPID: i64 = 39;
 const SYS_SENDTO: i64 = 44;
 const SYS_RECVMSG: i64 = 47;
-const SYS_EXIT_GROUP: i64 = 231;
 const SYS_FCNTL: i64 = 72;
 const SYS_CHDIR: i64 = 80;
 const SYS_UMASK: i64 = 95;
@@ -53,94 +46,6 @@ const PR_CAP_AMBIENT: u64 = 47;
 const PR_CAP_AMBIENT_RAISE: u64 = 2;
 const SOL_SOCKET: i32 = 1;
 const SCM_RIGHTS: i32 = 1;
-
-#[inline(always)]
-unsafe fn sc(n: i64, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> i64 {
-    let ret: i64;
-    // SAFETY: the caller passes arguments valid for syscall `n`.
-    unsafe {
-        asm!("syscall", inlateout("rax") n => ret, in("rdi") a, in("rsi") b, in("rdx") c,
-             in("r10") d, in("r8") e, in("r9") f, lateout("rcx") _, lateout("r11") _,
-             options(nostack));
-    }
-    ret
-}
-
-fn sys(n: i64, a: u64, b: u64, c: u64) -> i64 {
-    // SAFETY: only used for syscalls whose pointer arguments (if any) the caller made valid.
-    unsafe { sc(n, a, b, c, 0, 0, 0) }
-}
-
-fn exit(code: u64) -> ! {
-    loop {
-        sys(SYS_EXIT_GROUP, code, 0, 0);
-    }
-}
-
-#[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
-    exit(127)
-}
-
-// The prebuilt core is compiled for unwinding and references the personality routine; with
-// panic=abort nothing ever unwinds, so it is never called.
-#[no_mangle]
-pub extern "C" fn rust_eh_personality() {}
-
-// The compiler may emit calls to these; there is no libc to provide them.
-#[no_mangle]
-pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees both ranges are valid for n bytes.
-    unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
-             options(nostack, preserves_flags));
-    }
-    dst
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize) + n {
-        // SAFETY: forward copy is correct when dst does not start inside src.
-        return unsafe { memcpy(dst, src, n) };
-    }
-    // SAFETY: backward copy with the direction flag, restored afterwards.
-    unsafe {
-        asm!("std", "rep movsb", "cld", inout("rcx") n => _,
-             inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _, options(nostack));
-    }
-    dst
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees the range is valid for n bytes.
-    unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
-             options(nostack, preserves_flags));
-    }
-    dst
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    let mut i = 0;
-    while i < n {
-        // SAFETY: the caller guarantees both ranges are valid for n bytes.
-        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
-        if x != y {
-            return x as i32 - y as i32;
-        }
-        i += 1;
-    }
-    0
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    // SAFETY: forwarded.
-    unsafe { memcmp(a, b, n) }
-}
 
 #[repr(C)]
 struct Iovec {
@@ -234,7 +139,7 @@ fn cstr(path: &[u8]) -> u64 {
 }
 
 #[no_mangle]
-pub extern "C" fn stub_main() -> ! {
+pub extern "C" fn tern_main() -> ! {
     let mut ctl = CONTROL_FD;
     let mut buf = [0u8; core::mem::size_of::<Plan>() + FIXUP_RECORD_LEN * MAX_FIXUPS_PER_MSG];
     let mut fds = [0i32; MAX_BATCH];
