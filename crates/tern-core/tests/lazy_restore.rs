@@ -25,15 +25,6 @@ fn fixture_bin() -> &'static Path {
     BIN.get_or_init(|| support::build_fixture("lazy/fixture.c", "lazy-fixture"))
 }
 
-fn memcheck_bin() -> PathBuf {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../test/workloads"));
-    let bin = dir.join("bin/memcheck");
-    if !bin.exists() {
-        assert!(Command::new("make").arg("-C").arg(&dir).status().unwrap().success());
-    }
-    bin
-}
-
 use support::OwnedProc as Proc;
 
 struct Workload {
@@ -41,7 +32,7 @@ struct Workload {
     status: PathBuf,
 }
 
-use support::{num, read_status};
+use support::{dump_and_kill, memcheck_bin, migrate_held, num, read_status};
 
 impl Workload {
     fn spawn(mut cmd: Command, status: PathBuf, ready: impl Fn(&HashMap<String, String>) -> bool) -> Workload {
@@ -65,30 +56,6 @@ fn uffd_fds(pid: i32) -> Vec<String> {
         .map(|l| l.to_string_lossy().into_owned())
         .filter(|l| l.contains("userfaultfd"))
         .collect()
-}
-
-/// Dump (cold) into a local store and kill the original.
-fn dump_and_kill(raw_pid: i32) -> (tern_core::image::ProcessImage, PageStore, tern_core::dump::DumpStats) {
-    let pid = Pid::new(raw_pid).unwrap();
-    let session = SourceSession::freeze(pid).unwrap();
-    let mut store = PageStore::new();
-    let (image, stats) = session.dump(&mut store).unwrap();
-    session.commit().unwrap();
-    // SAFETY: reaping our own child by pid.
-    unsafe { libc::waitpid(raw_pid, std::ptr::null_mut(), 0) };
-    (image, store, stats)
-}
-
-/// [`dump_and_kill`], then a lazy restore whose background fill waits for its release.
-fn migrate_held(raw_pid: i32) -> (RestoredProcess, Option<LazyHandle>) {
-    let (image, store, _) = dump_and_kill(raw_pid);
-    let recreated = tern_core::files::recreate_fds(&image.fds, &RecreateOptions::default()).unwrap();
-    let options = RestoreOptions {
-        lazy_memory: true,
-        lazy: restore::LazyOptions { background_delay: Duration::from_secs(3600), ..Default::default() },
-        ..RestoreOptions::with_files(recreated)
-    };
-    restore::restore_lazy(&image, Arc::new(store), options).unwrap()
 }
 
 /// Dump (cold), kill the original, restore with or without lazy memory.

@@ -4,7 +4,8 @@
 //! (with_data) and the prefetch path (next_ready / with_data / consumed, as the lazy thread does);
 //! every byte is compared with a direct read of the process. Then the refusals (token, id, pages
 //! outside the extents, malformed requests, busy), a connection cut through a proxy, a source that
-//! is gone for good, and the throughput against plain TCP (printed: run with --nocapture).
+//! is gone for good, the HOMED confirmation and the source's idle clock, and the throughput
+//! against plain TCP (printed: run with --nocapture).
 mod support;
 
 use std::io::{Read, Write};
@@ -18,8 +19,10 @@ use tern_core::dirty::RangeSet;
 use tern_core::pages::pull::{
     loopback_pull_throughput, PageSourceServer, PullError, PullOptions, RemotePages, RemoteState, SourceServerOptions,
 };
-use tern_core::pages::wire::{self, encode_hello_reply, Hello, HelloStatus, PageRequest, Reply, HELLO_REPLY_LEN};
-use tern_core::pages::{Expected, MigrationId, Token, PAGE_SIZE};
+use tern_core::pages::wire::{
+    self, encode_hello_reply, EndTotals, Hello, HelloStatus, Kind, PageRequest, RecordError, Reply, Status, HELLO_REPLY_LEN,
+};
+use tern_core::pages::{Expected, MigrationId, PageServer, ServeError, Token, PAGE_SIZE};
 use tern_core::restore::lazy::{LazySource, Ready};
 use tern_core::sys::Pid;
 
@@ -256,6 +259,16 @@ fn every_page_arrives_by_fault_and_by_prefetch() {
     server.shutdown();
 }
 
+/// Waits (at most 3 s) until the server reports `homed`: it records it right after writing its
+/// OK, which the destination may read first.
+fn wait_homed(server: &PageSourceServer) {
+    let t0 = Instant::now();
+    while !server.stats().homed {
+        assert!(t0.elapsed() < Duration::from_secs(3), "the source never recorded HOMED: {:?}", server.stats());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// A raw pull connection (hello done) for sending hand-made records.
 fn raw_conn(addr: SocketAddr, e: &Expected) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
@@ -354,6 +367,145 @@ fn strangers_and_requests_outside_the_extents_are_refused() {
     assert_eq!(st.requests, 2);
     assert_eq!(st.rejected, 3);
     server.shutdown();
+}
+
+/// confirm_home against a live source: Ok, and the source says homed (and stays so). The raw
+/// exchange: HOMED after a REQUEST is answered with the OK STATUS carrying what the connection
+/// served, then the connection ends.
+#[test]
+fn confirm_home_tells_the_source() {
+    let (_g, f, e, server) = stage(4, SourceServerOptions::default());
+    let want = f.read_all();
+    let src = connect(server.local_addr(), &e, &f, PullOptions { request_bytes: 64 << 10, ..PullOptions::default() });
+    let mut got = vec![0u8; f.len as usize];
+    fetch(&src, f.region, f.region, 64 << 10, &mut got);
+    assert_same(&got[..64 << 10], &want[..64 << 10], f.region);
+    assert!(!server.stats().homed);
+    let t0 = Instant::now();
+    src.confirm_home().unwrap();
+    let took = t0.elapsed();
+    wait_homed(&server);
+    eprintln!("confirm_home against a live source: {:.2} ms", took.as_secs_f64() * 1e3);
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Through the trait too (what the lazy thread calls), on a fresh connection: the source
+    // closed the one the first HOMED went on.
+    LazySource::confirm_home(&*src).unwrap();
+    let s = src.remote_stats().unwrap();
+    assert_eq!(s.state, RemoteState::Connected, "{s:?}");
+    drop(src);
+    wait_all_closed(&server);
+    assert!(server.stats().homed, "homed stays true after the destination is gone");
+
+    let s = raw_conn(server.local_addr(), &e);
+    let req = PageRequest::new(f.region + P, 2).unwrap();
+    (&s).write_all(&[&req.encode()[..], &wire::encode_homed()[..]].concat()).unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(wire::read_reply(&mut &s, &mut buf).unwrap(), Reply::Response { vaddr: f.region + P, page_count: 2 });
+    assert_eq!(buf[..], want[PAGE_SIZE..3 * PAGE_SIZE]);
+    let st = Status { code: wire::status::OK, totals: EndTotals { data_pages: 2, records: 1, ..EndTotals::default() } };
+    assert_eq!(wire::read_reply(&mut &s, &mut buf).unwrap(), Reply::Status(st));
+    let mut rest = [0u8; 16];
+    assert!(matches!((&s).read(&mut rest), Ok(0) | Err(_)), "the connection must end");
+    let st = server.shutdown();
+    eprintln!("source: {st:?}");
+    assert!(st.homed && st.refused_requests == 0, "{st:?}");
+}
+
+/// Small requests, and a pull that gives up after 1 s of continuous failure (500 ms connects).
+fn gives_up_after_a_second() -> PullOptions {
+    PullOptions {
+        connect_timeout: Duration::from_millis(500),
+        give_up_after: Duration::from_secs(1),
+        request_bytes: 64 << 10,
+        prefetch_bytes: 256 << 10,
+        ..PullOptions::default()
+    }
+}
+
+/// confirm_home with the source gone: retried as a fault would be, then Err after give_up_after
+/// (the lazy thread kills the copy); the source never recorded it.
+#[test]
+fn confirm_home_fails_after_give_up_when_the_source_is_gone() {
+    let (_g, f, e, server) = stage(4, SourceServerOptions::default());
+    let opts = gives_up_after_a_second();
+    let src = connect(server.local_addr(), &e, &f, opts);
+    assert!(src.with_data(f.region, P, &mut |_| {}).unwrap());
+    let st = server.shutdown();
+    assert!(!st.homed, "{st:?}");
+    let t0 = Instant::now();
+    let err = src.confirm_home().expect_err("the source is gone");
+    let took = t0.elapsed();
+    eprintln!("confirm_home, source gone: error after {:.2} s: {err}", took.as_secs_f64());
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "{took:?}");
+    assert!(err.detail.contains("every page is home"), "{err}");
+    let s = src.remote_stats().unwrap();
+    assert_eq!(s.state, RemoteState::Failed, "{s:?}");
+    // Failed for good: the next attempt answers at once.
+    let t0 = Instant::now();
+    assert!(src.confirm_home().is_err());
+    assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+}
+
+/// idle_ms: counts from the start while nobody connected, None while a pull connection is open,
+/// counts again from when the last one closed; a refused connection does not reset it.
+#[test]
+fn idle_ms_counts_from_the_last_pull_connection() {
+    let (_g, f, e, server) = stage(4, SourceServerOptions::default());
+    std::thread::sleep(Duration::from_millis(150));
+    let s0 = server.stats();
+    assert!(s0.idle_ms.is_some_and(|ms| ms >= 100), "idle since the start: {s0:?}");
+    assert!(!s0.homed);
+    let src = connect(server.local_addr(), &e, &f, PullOptions::default());
+    assert!(src.with_data(f.region, P, &mut |_| {}).unwrap());
+    std::thread::sleep(Duration::from_millis(150));
+    let s1 = server.stats();
+    assert_eq!(s1.idle_ms, None, "connected: {s1:?}");
+    drop(src);
+    wait_all_closed(&server);
+    // The clock is read under the same lock the connection threads update: once no connection
+    // is open it reads Some.
+    let t_closed = Instant::now();
+    let a = server.stats().idle_ms.expect("no connection open");
+    assert!(a < 2000, "{a} ms right after the close");
+    std::thread::sleep(Duration::from_millis(300));
+    // A stranger is refused and does not move the clock.
+    let bad = RemotePages::connect(
+        server.local_addr(),
+        e.migration_id,
+        Token([0; 32]),
+        f.extents(),
+        PullOptions { connect_timeout: Duration::from_secs(2), ..PullOptions::default() },
+    );
+    assert!(bad.is_err());
+    wait_all_closed(&server);
+    let b = server.stats().idle_ms.expect("no connection open");
+    eprintln!("idle after the close: {a} ms, then {b} ms ({:?} later)", t_closed.elapsed());
+    assert!(b >= a + 250, "idle_ms must keep growing: {a} then {b}");
+    assert!(b < 5000, "{b}");
+    assert!(!server.stats().homed);
+    server.shutdown();
+}
+
+/// A HOMED on a push stream (the destination's PageServer) is refused like a REQUEST.
+#[test]
+fn homed_on_a_push_stream_is_refused() {
+    let _g = serial();
+    let e = expected();
+    let srv = PageServer::bind(lo(), e.clone()).unwrap();
+    let s = TcpStream::connect(srv.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (&s).write_all(&Hello::new(e.migration_id, e.token.clone()).encode()).unwrap();
+    let mut r = [0u8; HELLO_REPLY_LEN];
+    (&s).read_exact(&mut r).unwrap();
+    assert_eq!(r, encode_hello_reply(HelloStatus::Ok));
+    (&s).write_all(&wire::encode_homed()).unwrap();
+    let st = Status::read_from(&mut &s).expect("a STATUS before the close");
+    assert_eq!(st.code, wire::status::UNEXPECTED_KIND, "{}", wire::status::describe(st.code));
+    match srv.wait(Duration::from_secs(10)) {
+        Err(ServeError::StreamFailed { error: RecordError::UnexpectedKind(Kind::Homed), .. }) => {}
+        other => panic!("expected the stream to fail on HOMED, got {:?}", other.map(|_| ())),
+    }
+    assert!(srv.take_store().is_empty());
 }
 
 /// A TCP proxy that can drop every connection and refuse new ones.
@@ -498,16 +650,45 @@ fn a_cut_connection_is_recovered_without_losing_a_page() {
     server.shutdown();
 }
 
+/// confirm_home through a cut connection: it reconnects like a fault does and gets its OK once
+/// the source is reachable again.
+#[test]
+fn confirm_home_waits_out_a_cut() {
+    let (_g, f, e, server) = stage(4, SourceServerOptions::default());
+    let proxy = Arc::new(Proxy::start(server.local_addr()));
+    let opts = PullOptions {
+        connect_timeout: Duration::from_secs(1),
+        io_timeout: Duration::from_secs(5),
+        give_up_after: Duration::from_secs(20),
+        ..PullOptions::default()
+    };
+    let src = connect(proxy.addr, &e, &f, opts);
+    assert!(src.with_data(f.region, P, &mut |_| {}).unwrap());
+    proxy.cut();
+    let cut_at = Instant::now();
+    let p2 = proxy.clone();
+    let healer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        p2.allow();
+    });
+    src.confirm_home().unwrap();
+    let waited = cut_at.elapsed();
+    healer.join().unwrap();
+    wait_homed(&server);
+    let s = src.remote_stats().unwrap();
+    eprintln!("confirm_home through a 1 s cut: {:.2} s, {} reconnects", waited.as_secs_f64(), s.reconnects);
+    assert!(waited >= Duration::from_millis(900), "confirmed during the cut ({waited:?})");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert!(s.reconnects >= 1, "{s:?}");
+    drop(src);
+    drop(proxy);
+    assert!(server.shutdown().homed);
+}
+
 #[test]
 fn a_source_gone_for_good_is_a_loud_error() {
     let (_g, f, e, server) = stage(4, SourceServerOptions::default());
-    let opts = PullOptions {
-        connect_timeout: Duration::from_millis(500),
-        give_up_after: Duration::from_secs(1),
-        request_bytes: 64 << 10,
-        prefetch_bytes: 256 << 10,
-        ..PullOptions::default()
-    };
+    let opts = gives_up_after_a_second();
     let src = connect(server.local_addr(), &e, &f, opts);
     assert!(src.with_data(f.region, P, &mut |_| {}).unwrap());
     server.shutdown();
@@ -650,6 +831,8 @@ fn a_restored_process_runs_on_pulled_pages() {
     support::wait_for_status(&status, phase("changed"), "the fixture to change and verify its memory", Duration::from_secs(60));
     let ls = handle.wait(Duration::from_secs(60)).unwrap();
     assert_eq!(ls.state, LazyState::Homed);
+    // The lazy thread told the source before it reported Homed.
+    wait_homed(&server);
     let rs = ls.remote.clone().expect("remote stats");
     eprintln!("restored on pulled pages ({} left on the source): {}", stats.remote_pages, support::lazy_summary(&ls));
     assert!(rs.fault_requests + rs.prefetch_pages > 0, "{rs:?}");
@@ -657,7 +840,8 @@ fn a_restored_process_runs_on_pulled_pages() {
     support::wait_for_status(&status, phase("verified"), "the fixture to verify after homing", Duration::from_secs(60));
     // The lazy thread dropped its source: both connections are closed.
     wait_all_closed(&server);
-    server.shutdown();
+    let st = server.shutdown();
+    assert!(st.homed && st.idle_ms.is_some(), "{st:?}");
     drop(stand);
 }
 

@@ -351,8 +351,10 @@ fn source_commit(Boxed(handle): Boxed<SourceHandle>) -> Result<(), Error> {
 /// Thaws the original exactly as it was. Idempotent: a finished session is left alone.
 #[neon::export(task)]
 fn source_abort(Boxed(handle): Boxed<SourceHandle>) -> Result<(), Error> {
+    // The page source first: once stopped its `homed` is final (no HOMED can slip in between the
+    // check and the thaw).
+    handle.0.page_source.stop_for_rollback()?;
     let session = handle.0.session.lock().map_err(|_| Error::from("source session lock poisoned"))?.take();
-    handle.0.page_source.stop();
     if let Some(session) = session {
         session.abort().map_err(engine_err)?;
     }

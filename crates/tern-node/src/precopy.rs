@@ -451,7 +451,8 @@ fn precopy_commit(Boxed(handle): Boxed<PrecopyHandle>) -> Result<(), Error> {
 #[neon::export(task)]
 fn precopy_abort(Boxed(handle): Boxed<PrecopyHandle>) -> Result<(), Error> {
     let mut phase = handle.0.wait_phase();
-    handle.0.page_source.stop();
+    // As source_abort: refuse to thaw once the destination confirmed every page home.
+    handle.0.page_source.stop_for_rollback()?;
     match std::mem::replace(&mut *phase, Phase::Over) {
         Phase::Tracking(session) => session.abort().map_err(chain_err),
         Phase::Frozen(session) => session.abort().map(|_| ()).map_err(chain_err),

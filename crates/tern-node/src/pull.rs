@@ -74,10 +74,21 @@ impl PageSourceSlot {
         Ok(PageSourceInfo { address: serve.address.clone(), port, pages })
     }
 
-    /// Stops serving (before the original is killed or thawed).
-    pub(crate) fn stop(&self) {
-        if let Some(server) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            server.shutdown();
+    /// Stops serving (before the original is killed or thawed). Returns what it served, final:
+    /// after the stop no HOMED can be answered any more, so `homed` can be trusted to decide
+    /// whether the original may still resume.
+    pub(crate) fn stop(&self) -> Option<SourceServeStats> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take().map(PageSourceServer::shutdown)
+    }
+
+    /// Stops serving and refuses if the destination confirmed every page home: its copy may be
+    /// running on its own, so thawing the original would run the process twice.
+    pub(crate) fn stop_for_rollback(&self) -> Result<(), Error> {
+        match self.stop() {
+            Some(s) if s.homed => Err(Error::from(
+                "the destination confirmed every page home (HOMED): its copy may be running, the original must not resume",
+            )),
+            _ => Ok(()),
         }
     }
 

@@ -70,12 +70,23 @@
 //!                                                     state Failed, with_data returns Err, the
 //!                                                     lazy thread kills the process (loud)
 //!
-//!  END                                                every page home: the lazy thread drops the
-//!                                                     source; the last Arc's drop closes both
-//!                                                     connections and joins the thread (Closed)
+//!  HOMED                                              every page home: the lazy thread calls
+//!                                                     confirm_home(): on the FAULT connection (a
+//!                                                     fresh one if it has none; reconnects and
+//!              ◀──── HOMED ──────────────────────────  backs off as a fault does)
+//!    homed = true once the OK is written whole
+//!    ──── STATUS OK (totals served) ───────────────▶   Ok: the lazy thread reports Homed.
+//!    both close                                       No OK within give_up_after (or the pull
+//!                                                     already Failed): Err, the lazy thread
+//!                                                     kills the process (see Why)
+//!
+//!  END                                                the lazy thread drops the source; the last
+//!                                                     Arc's drop closes both connections and
+//!                                                     joins the thread (Closed)
 //!    conn threads see EOF and end                     the agent then kills the original and
 //!    shutdown(): stop accepting, shut every           shuts the page source down
-//!    connection, join every thread
+//!    connection, join every thread; returns
+//!    the final stats
 //! ```
 //!
 //! # Why
@@ -99,6 +110,19 @@
 //! - **Abortive close on the source** (as in server.rs; both use net.rs): when a connection is
 //!   ended because of an error the source writes STATUS, half-closes, drains briefly and closes
 //!   with SO_LINGER 0, so the destination learns at once instead of waiting on a silent window.
+//! - **HOMED, and what the source can tell alone.** When the coordinator loses the destination
+//!   mid post-copy, only the source can say whether the original may resume. [`SourceServeStats`]
+//!   `homed` (a HOMED answered OK; never reset): the copy has every page and may be running on
+//!   its own: the original must never resume. Not homed and `idle_ms` (no pull connection open
+//!   for that long) beyond the destination's give_up_after, plus a margin for a destination that
+//!   noticed the loss later than the source: the copy is dead. A copy that is not home needs
+//!   the source, and kills itself after give_up_after without it (or its guard kills it when its
+//!   agent dies); one that has every page but cannot get the OK within give_up_after kills
+//!   itself too (confirm_home → Err). The source records `homed` only once its OK is written:
+//!   a destination that read the OK finds it set; one that did not retries or kills its copy.
+//!   The worst case (OK sent, lost, the source unreachable after) loses both copies, never
+//!   runs two. Decide on the stats [`PageSourceServer::shutdown`] returns: after the stop no
+//!   HOMED is answered, so they are final.
 //! - **The source reads the frozen process directly** (no page store on the source): the pages
 //!   are already in memory, process_vm_readv runs at ~4 GB/s, and nothing is copied twice.
 
@@ -106,8 +130,8 @@ use super::net::{self, accept_hello, bump, lock, Acceptor, Gate, Serve, StartErr
 use super::server::Expected;
 use super::store::USER_ADDR_LIMIT;
 use super::wire::{
-    self, decode_hello_reply, EndTotals, Hello, HelloStatus, MigrationId, PageRequest, RecordError, Reply, Status, Token,
-    HELLO_LEN, HELLO_REPLY_LEN, HEADER_LEN, MAX_DATA_PAGES,
+    self, decode_hello_reply, EndTotals, Hello, HelloStatus, MigrationId, PageRequest, PullRecord, RecordError, Reply, Status,
+    Token, HELLO_LEN, HELLO_REPLY_LEN, HEADER_LEN, MAX_DATA_PAGES,
 };
 use super::PAGE_SIZE;
 use crate::dirty::RangeSet;
@@ -170,6 +194,13 @@ pub struct SourceServeStats {
     pub refused_requests: u64,
     /// Connections open now (0 once the destination dropped its RemotePages).
     pub active_connections: u64,
+    /// The destination confirmed every page home (a HOMED answered OK). Once true it stays true:
+    /// its copy may be running on its own memory and the original must never resume.
+    pub homed: bool,
+    /// None while any pull connection is open (one still in its hello included); else
+    /// milliseconds since the last connection of this migration (hello accepted) closed, or
+    /// since the server started if none ever did. Refused connections do not move it.
+    pub idle_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +222,13 @@ struct SrcCounters {
     refused: AtomicU64,
 }
 
+/// Open pull connections and when the last one closed (for [`SourceServeStats::idle_ms`]).
+#[derive(Debug)]
+struct ConnClock {
+    open: u64,
+    last_closed: Instant,
+}
+
 #[derive(Debug)]
 struct SrcShared {
     gate: Gate,
@@ -198,6 +236,34 @@ struct SrcShared {
     extents: RangeSet,
     opts: SourceServerOptions,
     n: SrcCounters,
+    /// A HOMED was received and answered OK (never reset).
+    homed: AtomicBool,
+    clock: Mutex<ConnClock>,
+}
+
+/// One connection being served, counted open in [`SrcShared::clock`] until dropped (also when
+/// its thread panics).
+struct OpenConn<'a> {
+    sh: &'a SrcShared,
+    /// Its hello was accepted: its close moves the idle clock.
+    accepted: bool,
+}
+
+impl<'a> OpenConn<'a> {
+    fn new(sh: &'a SrcShared) -> OpenConn<'a> {
+        lock(&sh.clock).open += 1;
+        OpenConn { sh, accepted: false }
+    }
+}
+
+impl Drop for OpenConn<'_> {
+    fn drop(&mut self) {
+        let mut c = lock(&self.sh.clock);
+        c.open -= 1;
+        if self.accepted {
+            c.last_closed = Instant::now();
+        }
+    }
 }
 
 impl Serve for SrcShared {
@@ -240,6 +306,8 @@ impl PageSourceServer {
             extents,
             opts: options,
             n: SrcCounters::default(),
+            homed: AtomicBool::new(false),
+            clock: Mutex::new(ConnClock { open: 0, last_closed: Instant::now() }),
         });
         let acceptor = Acceptor::start(addr, shared.clone()).map_err(|e| match e {
             StartError::Bind(source) => PullServeError::Bind { addr, source },
@@ -257,6 +325,10 @@ impl PageSourceServer {
         let n = &self.shared.n;
         let gate = &self.shared.gate;
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let idle_ms = {
+            let c = lock(&self.shared.clock);
+            (c.open == 0).then(|| c.last_closed.elapsed().as_millis() as u64)
+        };
         SourceServeStats {
             connections: g(&gate.accepted),
             rejected: g(&gate.rejected),
@@ -265,12 +337,18 @@ impl PageSourceServer {
             bytes: g(&n.bytes),
             refused_requests: g(&n.refused),
             active_connections: gate.open_connections() as u64,
+            homed: self.shared.homed.load(Ordering::SeqCst),
+            idle_ms,
         }
     }
 
-    /// Stops accepting, closes every connection, joins the threads.
-    pub fn shutdown(self) {
+    /// Stops accepting, closes every connection, joins the threads; returns the final figures.
+    /// `homed` can no longer change then: whoever decides between resuming the original and
+    /// killing it reads it here (a HOMED answered before the stop is in it; after the stop none
+    /// is answered), not from a [`Self::stats`] taken earlier.
+    pub fn shutdown(self) -> SourceServeStats {
         self.acceptor.stop(&self.shared.gate);
+        self.stats()
     }
 }
 
@@ -291,9 +369,11 @@ enum ConnEnd {
 }
 
 fn src_serve_conn(sh: &SrcShared, sock: TcpStream) {
+    let mut open = OpenConn::new(sh);
     if accept_hello(&sh.gate, &sock).is_none() {
         return;
     }
+    open.accepted = true;
     let _ = sock.set_read_timeout(Some(sh.opts.io_timeout));
     let _ = sock.set_write_timeout(Some(sh.opts.io_timeout));
     // Requests are 24 bytes and pipelined: read them in bulk.
@@ -305,8 +385,19 @@ fn src_serve_conn(sh: &SrcShared, sock: TcpStream) {
         if sh.gate.stopping() {
             break ConnEnd::Refuse(wire::status::SHUTTING_DOWN);
         }
-        let req = match wire::read_request(&mut rd) {
-            Ok(Some(req)) => req,
+        let req = match wire::read_pull_record(&mut rd) {
+            Ok(Some(PullRecord::Request(req))) => req,
+            Ok(Some(PullRecord::Homed)) => {
+                // Every page is home at the destination. Recorded only once the OK is written
+                // whole: a destination that read it finds `homed` set (its connection counts as
+                // open until then); one that did not retries, or gives up and kills its copy.
+                let ok = Status { code: wire::status::OK, totals: served };
+                if (&sock).write_all(&ok.encode_record()).is_err() {
+                    break ConnEnd::Broken;
+                }
+                sh.homed.store(true, Ordering::SeqCst);
+                break ConnEnd::Closed;
+            }
             Ok(None) => break ConnEnd::Closed,
             Err(RecordError::Io(_)) | Err(RecordError::Truncated { .. }) if sh.gate.stopping() => {
                 break ConnEnd::Refuse(wire::status::SHUTTING_DOWN)
@@ -954,13 +1045,37 @@ impl RemotePages {
     /// `link.buf` on success.
     fn fault_fetch(&self, link: &mut FaultLink, req: PageRequest) -> Result<(), LazySourceError> {
         let sh = &*self.shared;
+        let ns = self.on_fault_link(link, |sock, buf| {
+            let t0 = Instant::now();
+            exchange(sock, &req, buf)?;
+            Ok(t0.elapsed().as_nanos() as u64)
+        });
+        let ns = ns.map_err(|()| sh.failed_error(req.vaddr()))?;
+        let mut st = lock(&sh.st);
+        st.sample(ns);
+        st.fault_requests += 1;
+        st.fault_pages += u64::from(req.page_count());
+        st.bytes += req.len();
+        st.todo.remove(req.vaddr(), req.end());
+        Ok(())
+    }
+
+    /// Runs `op` (one exchange) on the FAULT connection until it succeeds: connects it when
+    /// there is none, drops it when `op` fails and tries again with the backoff, until the pull
+    /// has failed for good (give_up_after of continuous failure, a permanent refusal) or is
+    /// stopping: then Err (see [`Shared::failed_error`]). A success ends the link's failure clock.
+    fn on_fault_link<T>(
+        &self,
+        link: &mut FaultLink,
+        mut op: impl FnMut(&TcpStream, &mut Vec<u8>) -> Result<T, Failure>,
+    ) -> Result<T, ()> {
+        let sh = &*self.shared;
         let mut retry = Retry::new(Link::Fault);
         loop {
             {
                 let st = lock(&sh.st);
                 if sh.stopping() || st.state == RemoteState::Failed {
-                    drop(st);
-                    return Err(sh.failed_error(req.vaddr()));
+                    return Err(());
                 }
             }
             if link.sock.is_none() {
@@ -977,18 +1092,10 @@ impl RemotePages {
                 }
             }
             let sock = link.sock.as_ref().expect("connected above");
-            let t0 = Instant::now();
-            match exchange(sock, &req, &mut link.buf) {
-                Ok(()) => {
-                    let ns = t0.elapsed().as_nanos() as u64;
-                    let mut st = lock(&sh.st);
-                    st.links[Link::Fault as usize].failing_since = None;
-                    st.sample(ns);
-                    st.fault_requests += 1;
-                    st.fault_pages += u64::from(req.page_count());
-                    st.bytes += req.len();
-                    st.todo.remove(req.vaddr(), req.end());
-                    return Ok(());
+            match op(sock, &mut link.buf) {
+                Ok(v) => {
+                    lock(&sh.st).links[Link::Fault as usize].failing_since = None;
+                    return Ok(v);
                 }
                 Err(f) => {
                     link.sock = None;
@@ -996,6 +1103,38 @@ impl RemotePages {
                 }
             }
         }
+    }
+
+    /// Tells the source that every page is home (HOMED) and waits for its OK, on the FAULT
+    /// connection (a fresh one if it has none), reconnecting and retrying as a fault would: Err
+    /// after give_up_after without an OK, or at once if the pull has already failed for good.
+    /// The source closes the connection after its answer; a later fault would reconnect.
+    ///
+    /// Why (see the module header): until the source has this, it may resume the original once
+    /// the destination is silent for longer than give_up_after; after it, never. So on Err the
+    /// caller must kill its copy (the lazy thread does): at most one copy may run.
+    pub fn confirm_home(&self) -> Result<(), LazySourceError> {
+        let mut link = lock(&self.fault);
+        let got = self.on_fault_link(&mut link, confirm_exchange);
+        link.sock = None;
+        drop(link);
+        got.map_err(|()| {
+            let e = self.shared.failed_error(0);
+            LazySourceError { addr: 0, detail: format!("telling the source every page is home: {}", e.detail) }
+        })
+    }
+}
+
+/// HOMED and its OK on a pull connection.
+fn confirm_exchange(sock: &TcpStream, buf: &mut Vec<u8>) -> Result<(), Failure> {
+    (&*sock).write_all(&wire::encode_homed()).map_err(|e| Failure::transient(format!("sending HOMED failed: {e}")))?;
+    match wire::read_reply(&mut &*sock, buf) {
+        Ok(Reply::Status(s)) if s.code == wire::status::OK => Ok(()),
+        Ok(Reply::Status(s)) => Err(status_failure(s.code)),
+        Ok(Reply::Response { vaddr, page_count }) => Err(Failure::transient(format!(
+            "the source answered HOMED with {page_count} page(s) at {vaddr:#x}"
+        ))),
+        Err(e) => Err(Failure::transient(format!("answer to HOMED: {}", describe_record_error(&e)))),
     }
 }
 
@@ -1025,6 +1164,10 @@ fn describe_record_error(e: &RecordError) -> String {
 }
 
 impl LazySource for RemotePages {
+    fn confirm_home(&self) -> Result<(), LazySourceError> {
+        RemotePages::confirm_home(self)
+    }
+
     fn data_extents(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         self.shared.extents.intersect_range(start, end).into_iter().map(|(s, e)| (s, e - s)).collect()
     }

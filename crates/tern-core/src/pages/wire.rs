@@ -17,16 +17,18 @@
 //!                                                                      HelloStatus, then close)
 //!                                                            6 version u16 server's version
 //!  RECORD* ──────────────────────────────────────────────▶   each: 24-byte header + payload
-//!       0  kind           u8   1 DATA, 2 ZERO, 3 END, 6 STATUS (4 REQUEST, 5 RESPONSE:
-//!                              post-copy pull only, see below; refused on a push stream)
+//!       0  kind           u8   1 DATA, 2 ZERO, 3 END, 6 STATUS (4 REQUEST, 5 RESPONSE,
+//!                              7 HOMED: post-copy pull only, see below; refused on a push
+//!                              stream)
 //!       1  reserved       u8   0
 //!       2  reserved       u16  0
 //!       4  page_count     u32  DATA/REQUEST/RESPONSE 1..=1024 (≤ 4 MiB), ZERO 1..=2^18,
-//!                              END/STATUS 0
-//!       8  vaddr          u64  page-aligned; vaddr + page_count*4096 ≤ 2^47; END/STATUS 0
-//!      16  payload_crc    u32  crc32c of the payload (0 for ZERO and REQUEST)
+//!                              END/STATUS/HOMED 0
+//!       8  vaddr          u64  page-aligned; vaddr + page_count*4096 ≤ 2^47;
+//!                              END/STATUS/HOMED 0
+//!      16  payload_crc    u32  crc32c of the payload (0 for ZERO, REQUEST and HOMED)
 //!      20  header_crc     u32  crc32c of header bytes 0..20
-//!     payload: DATA/RESPONSE page_count*4096 bytes; ZERO/REQUEST none; END 32 bytes;
+//!     payload: DATA/RESPONSE page_count*4096 bytes; ZERO/REQUEST/HOMED none; END 32 bytes;
 //!              STATUS 32 bytes
 //!  END ──────────────────────────────────────────────────▶   payload:
 //!       0  data_pages u64 · 8 zero_pages u64 · 16 records u64 (DATA+ZERO) ·
@@ -64,6 +66,18 @@
 //!                                                            the server is shutting down
 //!  close ────────────────────────────────────────────────▶   (no END: a pull connection ends
 //!                                                            when the destination is done)
+//!
+//!  once every page is home (the process no longer needs the source), on a pull connection:
+//!  HOMED ────────────────────────────────────────────────▶   kind 7, header only: page_count 0,
+//!                                                            vaddr 0, payload_crc 0 (validated
+//!                                                            like the others; after any
+//!                                                            REQUESTs still unanswered)
+//!                        ◀──────────────────────────────── STATUS code 0 (OK), the totals served
+//!                                                            on this connection (records,
+//!                                                            data_pages; stream_crc 0), then
+//!                                                            both close. From then on the source
+//!                                                            reports "homed": the original must
+//!                                                            never resume (super::pull).
 //! ```
 //!
 //! A pull connection has no rolling checksum and no END: every RESPONSE is matched against the
@@ -405,8 +419,11 @@ pub enum Kind {
     Request = 4,
     /// Post-copy pull: the source's answer to one REQUEST (the pages).
     Response = 5,
-    /// Destination → source: the outcome of a stream.
+    /// Destination → source: the outcome of a stream (and the source's answer to a refused
+    /// REQUEST or to HOMED on a pull connection).
     Status = 6,
+    /// Post-copy pull: the destination has every page home and tells the source (header only).
+    Homed = 7,
 }
 
 impl Kind {
@@ -418,6 +435,7 @@ impl Kind {
             4 => Kind::Request,
             5 => Kind::Response,
             6 => Kind::Status,
+            7 => Kind::Homed,
             _ => return None,
         })
     }
@@ -481,6 +499,8 @@ pub enum RecordError {
     ZeroWithChecksum { vaddr: u64, crc: u32 },
     #[error("REQUEST record at {vaddr:#x} carries a payload checksum {crc:#010x} (must be 0)")]
     RequestWithChecksum { vaddr: u64, crc: u32 },
+    #[error("HOMED record carries a payload checksum {crc:#010x} (must be 0)")]
+    HomedWithChecksum { crc: u32 },
     #[error("END record's reserved field is {0:#x} (must be 0)")]
     EndReserved(u32),
     #[error(
@@ -548,6 +568,7 @@ impl RecordError {
             | RecordError::NonZeroVaddr { .. }
             | RecordError::ZeroWithChecksum { .. }
             | RecordError::RequestWithChecksum { .. }
+            | RecordError::HomedWithChecksum { .. }
             | RecordError::EndReserved(_) => MALFORMED_HEADER,
             RecordError::PageCount { .. }
             | RecordError::Unaligned { .. }
@@ -601,7 +622,7 @@ impl RecordHeader {
         let (min, max) = match kind {
             Kind::Data | Kind::Request | Kind::Response => (1, MAX_DATA_PAGES),
             Kind::Zero => (1, MAX_ZERO_PAGES),
-            Kind::End | Kind::Status => (0, 0),
+            Kind::End | Kind::Status | Kind::Homed => (0, 0),
         };
         if self.page_count < min || self.page_count > max {
             return Err(RecordError::PageCount {
@@ -640,11 +661,16 @@ impl RecordHeader {
                     });
                 }
             }
-            _ => {
+            Kind::End | Kind::Status | Kind::Homed => {
                 if self.vaddr != 0 {
                     return Err(RecordError::NonZeroVaddr {
                         kind,
                         vaddr: self.vaddr,
+                    });
+                }
+                if kind == Kind::Homed && self.payload_crc != 0 {
+                    return Err(RecordError::HomedWithChecksum {
+                        crc: self.payload_crc,
                     });
                 }
             }
@@ -658,7 +684,7 @@ impl RecordHeader {
             Kind::Data | Kind::Response => self.page_count as usize * PAGE_SIZE,
             Kind::End => END_LEN,
             Kind::Status => STATUS_LEN,
-            Kind::Zero | Kind::Request => 0,
+            Kind::Zero | Kind::Request | Kind::Homed => 0,
         }
     }
 
@@ -997,10 +1023,29 @@ impl PageRequest {
     }
 }
 
-/// The source side of a pull connection: the next REQUEST, validated. `Ok(None)` when the
-/// destination closed the connection between records (its normal way to end). Any other kind of
-/// record is refused ([`RecordError::UnexpectedKind`]).
-pub fn read_request(r: &mut impl Read) -> Result<Option<PageRequest>, RecordError> {
+/// The 24-byte HOMED record: the destination has every page home (see the module header).
+pub fn encode_homed() -> [u8; HEADER_LEN] {
+    RecordHeader {
+        kind: Kind::Homed,
+        page_count: 0,
+        vaddr: 0,
+        payload_crc: 0,
+    }
+    .encode()
+}
+
+/// What the destination sends on a pull connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullRecord {
+    Request(PageRequest),
+    /// Every page is home: answer with an OK STATUS and close.
+    Homed,
+}
+
+/// The source side of a pull connection: the next REQUEST or HOMED, validated. `Ok(None)` when
+/// the destination closed the connection between records (its normal way to end). Any other
+/// kind of record is refused ([`RecordError::UnexpectedKind`]).
+pub fn read_pull_record(r: &mut impl Read) -> Result<Option<PullRecord>, RecordError> {
     let mut hb = [0u8; HEADER_LEN];
     match read_full(r, &mut hb).map_err(RecordError::Io)? {
         0 => return Ok(None),
@@ -1014,13 +1059,16 @@ pub fn read_request(r: &mut impl Read) -> Result<Option<PageRequest>, RecordErro
         }
     }
     let h = RecordHeader::decode(&hb)?;
-    if h.kind != Kind::Request {
+    if !matches!(h.kind, Kind::Request | Kind::Homed) {
         return Err(RecordError::UnexpectedKind(h.kind));
     }
     h.validate()?;
-    Ok(Some(PageRequest {
-        vaddr: h.vaddr,
-        page_count: h.page_count,
+    Ok(Some(match h.kind {
+        Kind::Homed => PullRecord::Homed,
+        _ => PullRecord::Request(PageRequest {
+            vaddr: h.vaddr,
+            page_count: h.page_count,
+        }),
     }))
 }
 
@@ -1248,6 +1296,7 @@ mod tests {
             Kind::Request,
             Kind::Response,
             Kind::Status,
+            Kind::Homed,
         ] {
             let h = RecordHeader {
                 kind,
@@ -1494,7 +1543,7 @@ mod tests {
     }
 
     fn request_err(b: &[u8]) -> RecordError {
-        read_request(&mut Cursor::new(b)).expect_err("must be refused")
+        read_pull_record(&mut Cursor::new(b)).expect_err("must be refused")
     }
 
     #[test]
@@ -1507,10 +1556,10 @@ mod tests {
         let mut two = b.to_vec();
         two.extend_from_slice(&PageRequest::new(0x1000, MAX_DATA_PAGES).unwrap().encode());
         let mut c = Cursor::new(&two[..]);
-        assert_eq!(read_request(&mut c).unwrap(), Some(r));
-        assert_eq!(read_request(&mut c).unwrap().unwrap().page_count(), MAX_DATA_PAGES);
+        assert_eq!(read_pull_record(&mut c).unwrap(), Some(PullRecord::Request(r)));
+        assert!(matches!(read_pull_record(&mut c).unwrap(), Some(PullRecord::Request(q)) if q.page_count() == MAX_DATA_PAGES));
         // The destination closed between records: the normal end.
-        assert_eq!(read_request(&mut c).unwrap(), None);
+        assert_eq!(read_pull_record(&mut c).unwrap(), None);
         // The last page of the user address space is fine.
         assert!(PageRequest::new(USER_ADDR_LIMIT - PAGE, 1).is_ok());
     }
@@ -1521,7 +1570,7 @@ mod tests {
         // Constructor and decoder agree.
         for (vaddr, count) in [(0x1001, 1), (0x1000, 0), (0x1000, MAX_DATA_PAGES + 1), (USER_ADDR_LIMIT, 1), (!0xfff, 2)] {
             assert!(PageRequest::new(vaddr, count).is_err(), "{vaddr:#x} {count}");
-            assert!(read_request(&mut Cursor::new(&raw_header(k, count, vaddr, 0)[..])).is_err());
+            assert!(read_pull_record(&mut Cursor::new(&raw_header(k, count, vaddr, 0)[..])).is_err());
         }
         let e = request_err(&raw_header(k, 1, 0x1001, 0));
         assert!(matches!(e, RecordError::Unaligned { kind: Kind::Request, vaddr: 0x1001 }), "{e}");
@@ -1609,5 +1658,72 @@ mod tests {
         let e = broken(|e| e.raw(hdr(Kind::Request, 0, 0x1001, 9), &[]), |_| {});
         assert!(matches!(e, RecordError::UnexpectedKind(Kind::Request)), "{e}");
         assert_eq!(e.status_code(), status::UNEXPECTED_KIND);
+        // HOMED, well-formed or not, after a good record: refused before anything else is checked.
+        for h in [hdr(Kind::Homed, 0, 0, 0), hdr(Kind::Homed, 3, 0x1001, 9)] {
+            let e = broken(
+                |e| {
+                    e.data(0x1000, &page);
+                    e.raw(h, &[]);
+                },
+                |_| {},
+            );
+            assert!(matches!(e, RecordError::UnexpectedKind(Kind::Homed)), "{e}");
+            assert_eq!(e.status_code(), status::UNEXPECTED_KIND);
+        }
+    }
+
+    // --- pull: HOMED ----------------------------------------------------------------------
+
+    #[test]
+    fn homed_roundtrip() {
+        let b = encode_homed();
+        assert_eq!(b, raw_header(7, 0, 0, 0), "kind 7, page_count 0, vaddr 0, payload_crc 0");
+        assert_eq!(Kind::from_u8(7), Some(Kind::Homed));
+        assert_eq!(Kind::from_u8(8), None);
+        let h = RecordHeader::decode(&b).unwrap();
+        assert_eq!((h.kind, h.page_count, h.vaddr, h.payload_crc, h.payload_len()), (Kind::Homed, 0, 0, 0, 0));
+        h.validate().unwrap();
+        // After pipelined REQUESTs, then the close.
+        let r = PageRequest::new(0x4000, 2).unwrap();
+        let bytes = [&r.encode()[..], &b[..]].concat();
+        let mut c = Cursor::new(&bytes[..]);
+        assert_eq!(read_pull_record(&mut c).unwrap(), Some(PullRecord::Request(r)));
+        assert_eq!(read_pull_record(&mut c).unwrap(), Some(PullRecord::Homed));
+        assert_eq!(read_pull_record(&mut c).unwrap(), None);
+        // The answer: an OK STATUS with what the connection served.
+        let st = Status { code: status::OK, totals: EndTotals { data_pages: 2, records: 1, ..EndTotals::default() } };
+        let mut buf = Vec::new();
+        assert_eq!(read_reply(&mut Cursor::new(&st.encode_record()[..]), &mut buf).unwrap(), Reply::Status(st));
+    }
+
+    #[test]
+    fn malformed_homed_is_refused() {
+        let k = Kind::Homed as u8;
+        let e = request_err(&raw_header(k, 1, 0, 0));
+        assert!(matches!(e, RecordError::PageCount { kind: Kind::Homed, count: 1, min: 0, max: 0 }), "{e}");
+        assert_eq!(e.status_code(), status::BAD_RANGE);
+        let e = request_err(&raw_header(k, 0, 0x1000, 0));
+        assert!(matches!(e, RecordError::NonZeroVaddr { kind: Kind::Homed, vaddr: 0x1000 }), "{e}");
+        assert_eq!(e.status_code(), status::MALFORMED_HEADER);
+        let e = request_err(&raw_header(k, 0, 0, 5));
+        assert!(matches!(e, RecordError::HomedWithChecksum { crc: 5 }), "{e}");
+        assert_eq!(e.status_code(), status::MALFORMED_HEADER);
+        assert!(e.to_string().contains("HOMED"), "{e}");
+        let mut flipped = encode_homed();
+        flipped[0] ^= 0x10;
+        assert!(matches!(request_err(&flipped), RecordError::HeaderChecksum { .. }));
+        let e = request_err(&encode_homed()[..7]);
+        assert!(matches!(e, RecordError::Truncated { part: "header", got: 7, .. }), "{e}");
+        // Reserved bytes set (checksum fixed).
+        let mut b = encode_homed();
+        b[1] = 1;
+        let hc = crc32c(&b[..20]);
+        b[20..24].copy_from_slice(&hc.to_le_bytes());
+        assert!(matches!(request_err(&b), RecordError::ReservedNonZero { kind: Kind::Homed, .. }));
+        // Only the destination sends it: not an answer, not a push-stream STATUS.
+        let reply = read_reply(&mut Cursor::new(&encode_homed()[..]), &mut Vec::new()).unwrap_err();
+        assert!(matches!(reply, RecordError::UnexpectedKind(Kind::Homed)), "{reply}");
+        let st = Status::read_from(&mut Cursor::new(&encode_homed()[..])).unwrap_err();
+        assert!(matches!(st, RecordError::UnexpectedKind(Kind::Homed)), "{st}");
     }
 }

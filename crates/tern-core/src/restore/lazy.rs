@@ -13,22 +13,26 @@
 //!  remote  close(N): the process holds no stray fd                 while there is work)
 //!  local   UFFDIO_API(EVENT_FORK|REMAP|REMOVE|UNMAP)        read uffd_msgs, in order:
 //!  remote  mmap every VMA (lazy ones with their own prot)     PAGEFAULT  UFFDIO_COPY the pending
-//!  local   UFFDIO_REGISTER(MISSING) each lazy VMA                        pages of the aligned
-//!  local   spawn the lazy thread (faults may start now:                  window (64 KiB) around
-//!          rseq registration writes into lazy memory)                    it; not pending (hole,
-//!  eager   every other VMA written as before                             removed) -> ZEROPAGE
-//!  ...     task, threads, registers, detach: it runs              REMOVE/UNMAP  drop the range
-//!                                                                          from pending forever
-//!                                                                 REMAP   move pending + regs
-//!                                                                 FORK    a new space: the
+//!  local   start the guard (guard.rs): a process holding                 pages of the aligned
+//!          a dup of the uffd, it kills this process if                   window (64 KiB) around
+//!          the engine dies; wait for 'armed' (<= 2 s)                    it; not pending (hole,
+//!  local   UFFDIO_REGISTER(MISSING) each lazy VMA                        removed) -> ZEROPAGE
+//!  local   spawn the lazy thread (faults may start now:           REMOVE/UNMAP  drop the range
+//!          rseq registration writes into lazy memory)                      from pending forever
+//!  eager   every other VMA written as before                      REMAP   move pending + regs
+//!  ...     task, threads, registers, detach: it runs              FORK    a new space: the
 //!                                                                          child's uffd, a copy
 //!                                                                          of the pending map
 //!                                                          one background chunk (1 MiB) of the
 //!                                                          next pending run, UFFDIO_COPY (once
 //!                                                          released, see below)
-//!                                                        all pending maps empty: UFFDIO_UNREGISTER
+//!                                                        all pending maps empty: confirm_home
+//!                                                        (remote: HOMED, the source's OK; else
+//!                                                        kill, see below), UFFDIO_UNREGISTER
 //!                                                        every range, close every uffd, drop
 //!                                                        the source
+//!                                                        then release the guard (Failed: close it
+//!                                                        unreleased: the guard kills the process)
 //! ```
 //!
 //! "Lazy" VMAs are private anonymous ones (anon, heap, stack) holding data pages in the store.
@@ -64,6 +68,25 @@
 //! The thread never abandons a live process: dropping the [`LazyHandle`] detaches it, it ends
 //! when every page is home or every served process has exited. If a fill fails in a way that
 //! cannot be retried the process is killed (by pid, it is ours) rather than left reading zeros.
+//!
+//! Post-copy: the original stays frozen on the source, which resumes it if this side is silent
+//! for longer than its give-up time, and never once it heard every page is home. So before
+//! reporting Homed (or Exited: an exec'd process runs on) the thread tells it
+//! ([`LazySource::confirm_home`]); if that fails for good the process is killed: the source may
+//! resume the original, and at most one copy may run.
+//!
+//! # If the engine dies: the guard
+//!
+//! The engine's userfaultfd dies with the engine's process, and with the last fd of a context the
+//! kernel unregisters every range: a missing page would then read as zeros, and the process run
+//! on, silently corrupted. So before the process runs, the restore starts a guard process
+//! (guard.rs) that holds its own dup of the root userfaultfd (faults then wait instead)
+//! and watches the engine: if the engine dies while pages are pending, the guard kills the process
+//! and lets the context go only once it has exited. The lazy thread releases the guard when every
+//! range is unregistered and every uffd closed (Homed), or when the process has exited; on
+//! Failed, or if the thread's Server is dropped (a panic), the guard is closed unreleased and
+//! kills the process. Known limit: a child the process forks before its memory is home has its
+//! own uffd (FORK above), which the guard does not hold: that child is not protected.
 //!
 //! # The background fill waits for the switchover to end
 //!
@@ -139,6 +162,15 @@ pub trait LazySource: Send + Sync {
     /// thread may be blocked inside `with_data` (the connection is down) when someone asks.
     fn remote_probe(&self) -> Option<RemoteProbe> {
         None
+    }
+
+    /// Every page is home (the lazy thread calls this before it reports Homed): a remote source
+    /// tells the source host and waits for its acknowledgement, which is what forbids the source
+    /// to ever resume the original (see [`crate::pages::pull`]). Err: the source could not be
+    /// told (for give_up_after); it may resume the original, so the caller kills the copy.
+    /// Local pages: nobody to tell, Ok.
+    fn confirm_home(&self) -> Result<(), LazySourceError> {
+        Ok(())
     }
 }
 
@@ -243,6 +275,10 @@ impl LazySource for Layered {
     fn remote_probe(&self) -> Option<RemoteProbe> {
         self.remote.remote_probe()
     }
+
+    fn confirm_home(&self) -> Result<(), LazySourceError> {
+        self.remote.confirm_home()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -285,6 +321,11 @@ fn uffd_ioctl<T>(fd: RawFd, request: libc::c_ulong, arg: &mut T) -> Result<(), E
 impl Uffd {
     pub(crate) fn new(fd: OwnedFd) -> Uffd {
         Uffd { fd }
+    }
+
+    /// The fd (the guard gets a dup of it).
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
     }
 
     /// UFFDIO_API asking for `features`; all of them must be granted.
@@ -762,7 +803,8 @@ pub(crate) fn steal(pid: Pid, target_fd: i32) -> Result<(Uffd, u64), LazySetupEr
     Ok((uffd, features))
 }
 
-/// Registers `vmas` (each `[start, end)`, mapped already) and starts the lazy thread.
+/// Registers `vmas` (each `[start, end)`, mapped already) and starts the lazy thread, which
+/// owns `guard` (armed on `uffd`) from then on and releases it at its end.
 pub(crate) fn start(
     pid: Pid,
     uffd: Uffd,
@@ -770,6 +812,7 @@ pub(crate) fn start(
     vmas: &[(u64, u64)],
     source: Arc<dyn LazySource>,
     options: LazyOptions,
+    guard: super::guard::Guard,
 ) -> Result<LazyHandle, LazySetupError> {
     let mut pending = RangeMap::default();
     let mut registered = RangeMap::default();
@@ -834,6 +877,7 @@ pub(crate) fn start(
         shared: shared.clone(),
         counters: Counters::default(),
         samples: Vec::new(),
+        guard: Some(guard),
     };
     let thread = std::thread::Builder::new()
         .name(format!("tern-lazy-{pid}"))
@@ -891,6 +935,9 @@ struct Server {
     shared: Arc<Shared>,
     counters: Counters,
     samples: Vec<u64>,
+    /// The guard process (see [`super::guard`]): released by run() once every uffd is closed;
+    /// dropped unreleased (the guard then kills the process) on Failed or if the thread panics.
+    guard: Option<super::guard::Guard>,
 }
 
 /// The result of filling one range.
@@ -917,9 +964,19 @@ impl Server {
         // Unregistering happened in serve(). Every uffd is closed and the source dropped (a
         // remote one closes its connections) BEFORE anyone hears it is over: whoever waits for
         // "homed" may kill the source process next.
-        let Server { spaces, source, shared, .. } = self;
+        let Server { spaces, source, shared, guard, .. } = self;
         drop(spaces);
         drop(source);
+        // Only now, with every range unregistered and every uffd closed, may the guard let the
+        // context go. Failed: the process was killed but may not have exited yet, and until it
+        // has a page it reads must not be a zero: the guard, closed unreleased, waits for its
+        // exit before it lets go.
+        if let Some(guard) = guard {
+            match state {
+                LazyState::Failed(_) => drop(guard),
+                _ => guard.release(),
+            }
+        }
         let mut p = shared.progress.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(remote) = p.stats.remote.as_mut() {
             if remote.state != crate::pages::pull::RemoteState::Failed {
@@ -986,7 +1043,31 @@ impl Server {
         let mut iterations = 0u64;
         loop {
             if self.spaces.iter().all(|s| s.pending.is_empty()) {
-                if self.spaces.is_empty() {
+                // Nothing more is needed from the source: tell it (see the module header) before
+                // anyone hears "homed". Also when every served mm is gone: the process may have
+                // exec'd (it runs on), or exited after running here; either way the original
+                // must not run again.
+                let exited = self.spaces.is_empty();
+                if let Err(e) = self.source.confirm_home() {
+                    // The wait may have been long: a process that exited meanwhile is not
+                    // signalled (its pid may be reused by now).
+                    let gone = self.pidfd.as_ref().is_some_and(|p| {
+                        let mut fd = libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                        // SAFETY: one live pollfd, timeout 0.
+                        unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+                    });
+                    if gone {
+                        self.pidfd = None;
+                    }
+                    if exited && self.pidfd.is_none() {
+                        return LazyState::Exited;
+                    }
+                    return self.fail(format!(
+                        "the source could not be told that every page is home ({}); it may resume the original, so this copy was killed",
+                        e.detail
+                    ));
+                }
+                if exited {
                     return LazyState::Exited;
                 }
                 self.unregister_all();

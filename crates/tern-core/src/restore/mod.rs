@@ -40,7 +40,9 @@
 //!              zero markers need no write in anonymous memory, are written in file mappings.
 //!              With `lazy_memory` ([`restore_lazy`]): a userfaultfd made inside the process
 //!              before the mmaps, private anonymous VMAs with data registered MISSING instead of
-//!              written, and the lazy thread started at once (see lazy.rs for the mechanism)
+//!              written, and the lazy thread started at once (see lazy.rs for the mechanism);
+//!              first the guard is armed (guard.rs: a process holding a dup of the uffd that
+//!              kills this one if the engine dies before its memory is home) or the restore fails
 //!  mprotect    final protections (one batch)
 //!  mm          prctl(PR_SET_MM, PR_SET_MM_MAP): code/data/brk/stack/arg/env fields, auxv and the
 //!              exe fd (the exe opened and checked with the mapped files)
@@ -67,6 +69,7 @@
 //! The restored process is a child of the engine process (clone3 from the engine): its parent
 //! must reap it when it exits.
 
+mod guard;
 pub mod lazy;
 mod rebuild;
 mod stub;

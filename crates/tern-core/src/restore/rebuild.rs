@@ -1,4 +1,5 @@
 //! The restore driver: everything after the checks runs here, on the restore thread.
+use super::guard::Guard;
 use super::lazy::{self, LazyHandle, LazyOptions, LazySource, LazySummary};
 use super::stub::{self, CloneArgs};
 use super::{RestoreError, RestoreOptions, RestoreTimings, RestoredProcess};
@@ -930,10 +931,13 @@ impl Driver<'_> {
         self.timings.mmap_ns = ns(step);
         let step = Instant::now();
 
-        // 4b. Lazy VMAs: registered and the thread started now, before anything below can
-        // touch them (rseq registration writes into the thread's TLS).
+        // 4b. Lazy VMAs: the guard armed (it holds a dup of the uffd and kills the process if
+        // this engine dies before its memory is home; failing here is before the commit point),
+        // then registered and the thread started now, before anything below can touch them
+        // (rseq registration writes into the thread's TLS).
         if let Some(((uffd, features), source)) = uffd {
-            let handle = lazy::start(pid, uffd, features, &lazy_vmas, source, self.lazy_options)
+            let guard = Guard::arm(pid, uffd.as_fd()).map_err(|e| RestoreError::at("arming the lazy memory guard", e))?;
+            let handle = lazy::start(pid, uffd, features, &lazy_vmas, source, self.lazy_options, guard)
                 .map_err(|e| RestoreError::at("starting lazy memory", e))?;
             self.lazy_summary = Some(handle.stats().summary);
             self.lazy = Some(handle);

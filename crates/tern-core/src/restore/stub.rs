@@ -56,17 +56,18 @@ fn owned(fd: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// The stub ELF in a memfd, made once per engine process.
-fn stub_memfd() -> Result<RawFd, RestoreError> {
-    static MEMFD: OnceLock<Result<OwnedFd, Errno>> = OnceLock::new();
-    let fd = MEMFD.get_or_init(|| {
-        let name = c"tern-stub";
+/// `elf` in a sealed memfd named `name`, made once per engine process (`cell` keeps it).
+pub(crate) fn program_memfd(
+    cell: &'static OnceLock<Result<OwnedFd, Errno>>,
+    name: &'static std::ffi::CStr,
+    elf: &[u8],
+) -> Result<RawFd, Errno> {
+    let fd = cell.get_or_init(|| {
         // SAFETY: memfd_create reads the NUL-terminated name; flags are constants.
         let fd = Errno::result(unsafe {
             libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
         })?;
         let fd = owned(fd);
-        let elf = tern_stub::ELF;
         let mut off = 0;
         while off < elf.len() {
             // SAFETY: writes from a valid slice of the embedded ELF.
@@ -82,11 +83,17 @@ fn stub_memfd() -> Result<RawFd, RestoreError> {
     });
     match fd {
         Ok(fd) => Ok(fd.as_raw_fd()),
-        Err(errno) => Err(RestoreError::Failed {
-            step: "creating the stub memfd".into(),
-            detail: errno.to_string(),
-        }),
+        Err(errno) => Err(*errno),
     }
+}
+
+/// The stub ELF in a memfd, made once per engine process.
+fn stub_memfd() -> Result<RawFd, RestoreError> {
+    static MEMFD: OnceLock<Result<OwnedFd, Errno>> = OnceLock::new();
+    program_memfd(&MEMFD, c"tern-stub", tern_stub::ELF).map_err(|errno| RestoreError::Failed {
+        step: "creating the stub memfd".into(),
+        detail: errno.to_string(),
+    })
 }
 
 /// The plan for the stub, from the image and what this engine itself is.
@@ -184,13 +191,21 @@ pub(crate) struct Started {
     pub control: OwnedFd,
 }
 
+/// Fds a program started by [`spawn_program`] may be given (the targets must be below
+/// [`FIRST_FREE_FD`]).
+const MAX_CHILD_FDS: usize = 8;
+/// The lowest fd the vfork child uses for its own copies (above every target).
+const FIRST_FREE_FD: i32 = 10;
+
 /// What the vfork child needs, prepared by the parent before the clone (the child shares the
 /// parent's memory and reads this from the parent's stack frame, which cannot go away: the
 /// parent's thread is suspended until the child has exec'd or exited).
 #[repr(C)]
 struct ChildArgs {
     memfd: RawFd,
-    child_sock: RawFd,
+    /// `(fd here, fd number in the program)`, `nfds` of them.
+    fds: [(RawFd, RawFd); MAX_CHILD_FDS],
+    nfds: usize,
     empty: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
@@ -214,24 +229,36 @@ unsafe fn raw_syscall(nr: i64, a: u64, b: u64, c: u64, d: u64, e: u64) -> i64 {
     ret
 }
 
-/// The child between clone3 and execveat: control socket to fd 3, every other fd closed (its
-/// own copy of the fd table), the stub exec'd from the memfd. Runs on [`ChildStack`] with the
-/// parent's memory, so it only makes raw syscalls on the prepared [`ChildArgs`]; it never
-/// returns (exec or exit).
-extern "C" fn stub_child(args: *const ChildArgs) -> ! {
+/// The child between clone3 and execveat: each given fd to its number (all of them moved above
+/// [`FIRST_FREE_FD`] first, so that no dup2 clobbers a sibling), every other fd closed (its own
+/// copy of the fd table), the program exec'd from the memfd. Runs on [`ChildStack`] with the
+/// parent's memory, so it only makes raw syscalls on the prepared [`ChildArgs`] and its own
+/// stack; it never returns (exec or exit).
+extern "C" fn program_child(args: *const ChildArgs) -> ! {
     // SAFETY: `args` points at the parent's ChildArgs, alive while the parent is suspended
     // (CLONE_VFORK); every syscall below takes integers or pointers into it.
     unsafe {
         let a = &*args;
-        let m = raw_syscall(libc::SYS_fcntl, a.memfd as u64, libc::F_DUPFD_CLOEXEC as u64, 10, 0, 0);
-        if a.child_sock == CONTROL_FD {
-            raw_syscall(libc::SYS_fcntl, CONTROL_FD as u64, libc::F_SETFD as u64, 0, 0, 0);
-        } else {
-            raw_syscall(libc::SYS_dup2, a.child_sock as u64, CONTROL_FD as u64, 0, 0, 0);
+        let low = FIRST_FREE_FD as u64;
+        let n = a.nfds.min(MAX_CHILD_FDS);
+        let m = raw_syscall(libc::SYS_fcntl, a.memfd as u64, libc::F_DUPFD_CLOEXEC as u64, low, 0, 0);
+        let mut ok = m >= low as i64;
+        let mut moved = [-1i64; MAX_CHILD_FDS];
+        for (up, &(fd, _)) in moved.iter_mut().zip(&a.fds[..n]) {
+            *up = raw_syscall(libc::SYS_fcntl, fd as u64, libc::F_DUPFD_CLOEXEC as u64, low, 0, 0);
+            ok &= *up >= low as i64;
         }
-        if m >= 10 {
-            raw_syscall(libc::SYS_close_range, 0, 2, 0, 0, 0);
-            raw_syscall(libc::SYS_close_range, 4, m as u64 - 1, 0, 0, 0);
+        for (&up, &(_, target)) in moved.iter().zip(&a.fds[..n]) {
+            // dup2 clears close-on-exec on the new number.
+            ok = ok && raw_syscall(libc::SYS_dup2, up as u64, target as u64, 0, 0, 0) >= 0;
+        }
+        if ok {
+            for fd in 0..FIRST_FREE_FD {
+                if !a.fds[..n].iter().any(|&(_, target)| target == fd) {
+                    raw_syscall(libc::SYS_close, fd as u64, 0, 0, 0, 0);
+                }
+            }
+            raw_syscall(libc::SYS_close_range, low, m as u64 - 1, 0, 0, 0);
             raw_syscall(libc::SYS_close_range, m as u64 + 1, u64::from(u32::MAX), 0, 0, 0);
             raw_syscall(
                 libc::SYS_execveat,
@@ -248,16 +275,114 @@ extern "C" fn stub_child(args: *const ChildArgs) -> ! {
     }
 }
 
-/// clone3(set_tid = [pid]) + execveat(stub memfd). Must run on the thread that will trace it.
+/// A program started by [`spawn_program`].
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    pub pid: Pid,
+    /// Its pidfd (CLONE_PIDFD), when asked for.
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// clone3 + execveat of the program in `memfd`, started with `fds` (`(fd here, number there)`,
+/// at most [`MAX_CHILD_FDS`], numbers below [`FIRST_FREE_FD`]) and nothing else open, argv
+/// `[argv0]`, an empty environment and every signal blocked. `set_tid`: the pid it must have;
+/// `pidfd`: also return a pidfd of it (CLONE_PIDFD). The calling thread becomes its parent.
 ///
 /// The child shares the engine's memory until its exec (CLONE_VM | CLONE_VFORK, what
 /// posix_spawn does): a plain fork would copy the page tables of the whole engine — the agent's
 /// heap and every page received for this migration, a gigabyte and more — only for the exec to
 /// tear them down again, tens of milliseconds inside the downtime. The calling thread is
-/// suspended until the child has exec'd (or exited); the child runs on its own small stack and
-/// makes raw syscalls only. Every signal is blocked around the clone so that none of the
-/// engine's handlers can run in the child on the shared memory; the stub starts with them all
-/// blocked, which it never notices (it is seized and given the image's masks).
+/// suspended until the child has exec'd (or exited: an exec that fails exits 127); the child
+/// runs on its own small stack and makes raw syscalls only. Every signal is blocked around the
+/// clone so that none of the engine's handlers can run in the child on the shared memory; the
+/// program starts with them all blocked (exec keeps the mask).
+pub(crate) fn spawn_program(
+    memfd: RawFd,
+    argv0: &std::ffi::CStr,
+    fds: &[(RawFd, RawFd)],
+    set_tid: Option<i32>,
+    pidfd: bool,
+) -> Result<Spawned, Errno> {
+    if fds.len() > MAX_CHILD_FDS || fds.iter().any(|&(_, target)| !(0..FIRST_FREE_FD).contains(&target)) {
+        return Err(Errno(libc::EINVAL));
+    }
+    let argv: [*const libc::c_char; 2] = [argv0.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let empty = c"";
+    let mut child_args = ChildArgs {
+        memfd,
+        fds: [(-1, -1); MAX_CHILD_FDS],
+        nfds: fds.len(),
+        empty: empty.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+    };
+    child_args.fds[..fds.len()].copy_from_slice(fds);
+    let mut stack = Box::new(ChildStack([0; 32 << 10]));
+    let set_tid = set_tid.map(|pid| [pid]);
+    let mut pidfd_out: RawFd = -1;
+    let mut flags = (libc::CLONE_VM | libc::CLONE_VFORK) as u64;
+    if pidfd {
+        flags |= libc::CLONE_PIDFD as u64;
+    }
+    let args = CloneArgs {
+        flags,
+        pidfd: if pidfd { &mut pidfd_out as *mut RawFd as u64 } else { 0 },
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack.0.as_mut_ptr() as u64,
+        stack_size: stack.0.len() as u64,
+        set_tid: set_tid.as_ref().map_or(0, |t| t.as_ptr() as u64),
+        set_tid_size: u64::from(set_tid.is_some()),
+        ..CloneArgs::default()
+    };
+    // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask write only the local sets.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both point at live local sigset_t values.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    let ret: i64;
+    // SAFETY: clone3 reads `args`, the set_tid array and nothing else of ours, and writes the
+    // pidfd (if asked) into `pidfd_out`. In the parent (rax != 0) only rax, rcx and r11 change.
+    // The child (rax == 0) starts on `stack`'s top with every other register as the parent had
+    // it, and calls program_child(&child_args), which never returns; `stack`, `child_args` and
+    // what it points at live in this frame, which cannot end before the child has exec'd or
+    // exited (CLONE_VFORK suspends this thread).
+    unsafe {
+        core::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") &child_args as *const ChildArgs,
+            in("r13") program_child as extern "C" fn(*const ChildArgs) -> !,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    // SAFETY: restores this thread's own mask from a live local.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if ret < 0 {
+        return Err(Errno(-ret as i32));
+    }
+    // SAFETY: a live local; read volatile because the kernel wrote it through the address
+    // handed to clone3, which the compiler does not see.
+    let pidfd_out = unsafe { std::ptr::read_volatile(&pidfd_out) };
+    Ok(Spawned { pid: Pid::from_raw(ret as i32), pidfd: (pidfd && pidfd_out >= 0).then(|| owned(pidfd_out)) })
+}
+
+/// clone3(set_tid = [pid]) + execveat(stub memfd), the control socket at fd 3 (see
+/// [`spawn_program`]). Must run on the thread that will trace it.
 pub(crate) fn clone_stub(pid: i32) -> Result<Started, RestoreError> {
     let memfd = stub_memfd()?;
     let mut pair = [0i32; 2];
@@ -276,78 +401,20 @@ pub(crate) fn clone_stub(pid: i32) -> Result<Started, RestoreError> {
     })?;
     let control = owned(pair[0]);
     let child_end = owned(pair[1]);
-    let argv0 = c"tern-stub";
-    let argv: [*const libc::c_char; 2] = [argv0.as_ptr(), std::ptr::null()];
-    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let empty = c"";
-    let child_args = ChildArgs {
-        memfd,
-        child_sock: child_end.as_raw_fd(),
-        empty: empty.as_ptr(),
-        argv: argv.as_ptr(),
-        envp: envp.as_ptr(),
-    };
-    let mut stack = Box::new(ChildStack([0; 32 << 10]));
-    let set_tid = [pid];
-    let args = CloneArgs {
-        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        stack: stack.0.as_mut_ptr() as u64,
-        stack_size: stack.0.len() as u64,
-        set_tid: set_tid.as_ptr() as u64,
-        set_tid_size: 1,
-        ..CloneArgs::default()
-    };
-    // SAFETY: sigset_t is plain data; sigfillset/pthread_sigmask write only the local sets.
-    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: both point at live local sigset_t values.
-    unsafe {
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-    }
-    let ret: i64;
-    // SAFETY: clone3 reads `args`, the set_tid array and nothing else of ours. In the parent
-    // (rax != 0) only rax, rcx and r11 change. The child (rax == 0) starts on `stack`'s top
-    // with every other register as the parent had it, and calls stub_child(&child_args), which
-    // never returns; `stack`, `child_args` and what it points at live in this frame, which
-    // cannot end before the child has exec'd or exited (CLONE_VFORK suspends this thread).
-    unsafe {
-        core::arch::asm!(
-            "syscall",
-            "test rax, rax",
-            "jnz 2f",
-            "mov rdi, r12",
-            "call r13",
-            "ud2",
-            "2:",
-            inlateout("rax") libc::SYS_clone3 => ret,
-            in("rdi") &args as *const CloneArgs,
-            in("rsi") std::mem::size_of::<CloneArgs>(),
-            in("r12") &child_args as *const ChildArgs,
-            in("r13") stub_child as extern "C" fn(*const ChildArgs) -> !,
-            lateout("rcx") _,
-            lateout("r11") _,
-        );
-    }
-    // SAFETY: restores this thread's own mask from a live local.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-    drop(stack);
-    if ret < 0 {
-        let errno = Errno(-ret as i32);
-        return Err(if errno == Errno(libc::EEXIST) {
-            RestoreError::PidTaken { pid }
-        } else {
-            RestoreError::Failed {
-                step: format!("clone3(set_tid={pid})"),
-                detail: errno.to_string(),
+    let spawned = spawn_program(memfd, c"tern-stub", &[(child_end.as_raw_fd(), CONTROL_FD)], Some(pid), false)
+        .map_err(|errno| {
+            if errno == Errno(libc::EEXIST) {
+                RestoreError::PidTaken { pid }
+            } else {
+                RestoreError::Failed {
+                    step: format!("clone3(set_tid={pid})"),
+                    detail: errno.to_string(),
+                }
             }
-        });
-    }
+        })?;
     drop(child_end);
     Ok(Started {
-        pid: Pid::from_raw(ret as i32),
+        pid: spawned.pid,
         control,
     })
 }

@@ -144,3 +144,40 @@ pub fn remote_summary(r: &RemoteStats) -> String {
         r.reconnects
     )
 }
+
+/// test/workloads' memcheck, built with `make` if it is not there yet.
+pub fn memcheck_bin() -> PathBuf {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../test/workloads"));
+    let bin = dir.join("bin/memcheck");
+    if !bin.exists() {
+        assert!(Command::new("make").arg("-C").arg(&dir).status().unwrap().success());
+    }
+    bin
+}
+
+/// Dump (cold) our child `raw_pid` into a local store, kill and reap the original.
+pub fn dump_and_kill(
+    raw_pid: i32,
+) -> (tern_core::image::ProcessImage, tern_core::pages::PageStore, tern_core::dump::DumpStats) {
+    let pid = tern_core::sys::Pid::new(raw_pid).unwrap();
+    let session = tern_core::dump::SourceSession::freeze(pid).unwrap();
+    let mut store = tern_core::pages::PageStore::new();
+    let (image, stats) = session.dump(&mut store).unwrap();
+    session.commit().unwrap();
+    // SAFETY: reaping our own child by pid.
+    unsafe { libc::waitpid(raw_pid, std::ptr::null_mut(), 0) };
+    (image, store, stats)
+}
+
+/// [`dump_and_kill`], then a lazy restore whose background fill waits for its release (an hour).
+pub fn migrate_held(raw_pid: i32) -> (tern_core::restore::RestoredProcess, Option<tern_core::restore::LazyHandle>) {
+    use tern_core::restore::{self, LazyOptions, RestoreOptions};
+    let (image, store, _) = dump_and_kill(raw_pid);
+    let recreated = tern_core::files::recreate_fds(&image.fds, &Default::default()).unwrap();
+    let options = RestoreOptions {
+        lazy_memory: true,
+        lazy: LazyOptions { background_delay: Duration::from_secs(3600), ..Default::default() },
+        ..RestoreOptions::with_files(recreated)
+    };
+    restore::restore_lazy(&image, std::sync::Arc::new(store), options).unwrap()
+}
