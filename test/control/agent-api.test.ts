@@ -295,6 +295,7 @@ t.test('a destination takes only its own service addresses', async (t) => {
 
 t.test('post-copy roles (engine double): the source serves what stays, the destination pulls it with its page credentials and reports homing', async (t) => {
   const { engine, calls } = engineDouble();
+  const served = { connections: 2, rejected: 0, requests: 3, pages: 5, bytes: 20480, refusedRequests: 0, activeConnections: 1, homed: false, idleMs: null as number | null };
   // The source leaves its private memory in the frozen original and says where it serves it.
   const openSource = engine.openSource.bind(engine);
   engine.openSource = async (pid) => {
@@ -306,7 +307,7 @@ t.test('post-copy roles (engine double): the source serves what stays, the desti
         calls.push(`lazy ${lazy?.address ?? 'none'}`);
         return { ...(Buffer.isBuffer(out) ? { image: out } : out), pageSource: lazy ? { address: lazy.address, port: 41000, pages: 5 } : null };
       },
-      pageSourceStats: () => ({ connections: 2, rejected: 0, requests: 3, pages: 5, bytes: 20480 }),
+      pageSourceStats: () => ({ ...served }),
     };
   };
   // The destination's page server reports a lazy fill that ends homed after one reconnect.
@@ -350,6 +351,15 @@ t.test('post-copy roles (engine double): the source serves what stays, the desti
   t.ok(calls.includes('lazy 127.0.0.1'), 'the page source binds on the agent address');
   const plain = await post('/v1/migrations/mpsrc2/source', { pid: 78, destination });
   t.equal(plain.json().pageSource, null, 'no page source unless asked');
+  const get = (url: string) => app.inject({ method: 'GET', url, headers: auth });
+  t.match((await get('/v1/migrations/mpsrc/page-source')).json(), { id: 'mpsrc', state: 'dumped', serving: true, homed: false, activeConnections: 1, idleMs: null, pages: 5 }, 'the pull as the source sees it');
+  Object.assign(served, { activeConnections: 0, idleMs: 1234.5 });
+  t.match((await get('/v1/migrations/mpsrc/page-source')).json(), { activeConnections: 0, idleMs: 1234.5 }, 'how long since the destination pulled');
+  t.equal((await get('/v1/migrations/nosuch/page-source')).statusCode, 404);
+  served.homed = true;
+  const refused = await post('/v1/migrations/mpsrc/abort');
+  t.equal(refused.statusCode, 409, 'a source that heard "every page home" refuses to resume the original');
+  t.match(refused.json(), { error: 'homed' });
   t.equal((await post('/v1/migrations/mpsrc/commit')).json().state, 'committed');
   t.match(await metrics.registry.metrics(), /tern_agent_page_bytes_total\{direction="sent"\} 28880/, 'the dumps (2 × 4200) and what the page source served (20480) count as sent');
 

@@ -16,8 +16,11 @@
  *   POST /v1/migrations/:id/restore        destination: claim the service addresses, rebuild the process
  *   GET  /v1/migrations/:id/homing         destination: how the restored process's memory is coming home
  *                                          (post-copy, hybrid; ?waitMs= waits for the end that long)
+ *   GET  /v1/migrations/:id/page-source    source: the post-copy pull as the source sees it (did the
+ *                                          destination confirm every page home; how long since it pulled)
  *   POST /v1/migrations/:id/commit         source: kill the original; destination: close the page server
- *   POST /v1/migrations/:id/abort          before commit: put everything back
+ *   POST /v1/migrations/:id/abort          before commit: put everything back (a source whose page source
+ *                                          heard "every page home" refuses: the copy may be running)
  *   GET  /v1/migrations/:id                this agent's side of a migration
  */
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -31,6 +34,7 @@ import {
   errorSchema,
   homingQuerySchema,
   migrationIdParamsSchema,
+  pageSourceStatusSchema,
   precopyStartRequestSchema,
   prepareRequestSchema,
   prepareResponseSchema,
@@ -38,6 +42,7 @@ import {
   sourceRequestSchema,
   type FreezeReport,
   type HomingStatus,
+  type PageSourceStatus,
   type PrecopyRoundResponse,
   type PrecopyStartRequest,
   type PrepareRequest,
@@ -689,6 +694,11 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
       if (!session) throw notFound(id);
       if (session.state === 'committed') throw new HttpError(409, 'committed', `migration ${id} is past the commit point here: it cannot be aborted`);
       if (session.state === 'aborted') return session.status();
+      if (session.role === 'source' && session.source?.pageSourceStats?.()?.homed) {
+        // The destination confirmed every page home: its copy may be running on its own. Resuming
+        // the original now would run the process twice.
+        throw new HttpError(409, 'homed', `migration ${id}: the destination confirmed every page home; the original on this host must not resume (commit instead)`);
+      }
       const wasFailed = session.state === 'failed';
       session.set('aborting');
       // A source engine call in flight is told to stop at once (the engine cancels the dump and
@@ -725,6 +735,20 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
         stats = server.lazyStats?.() ?? stats;
       }
       return homingStatus(id, stats);
+    },
+  );
+
+  app.get<IdParams>(
+    '/v1/migrations/:id/page-source',
+    { schema: { params: migrationIdParamsSchema, response: { 200: pageSourceStatusSchema, ...errorResponses } } },
+    async (request): Promise<PageSourceStatus> => {
+      const { id } = request.params;
+      const session = sessions.get(id);
+      if (!session || session.role !== 'source') throw notFound(id);
+      const s = session.source?.pageSourceStats?.() ?? null;
+      const state = session.state;
+      if (!s) return { id, state, serving: false, homed: false, activeConnections: 0, idleMs: null, connections: 0, pages: 0, bytes: 0 };
+      return { id, state, serving: true, homed: s.homed, activeConnections: s.activeConnections, idleMs: s.idleMs, connections: s.connections, pages: s.pages, bytes: s.bytes };
     },
   );
 

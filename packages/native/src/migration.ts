@@ -57,6 +57,13 @@ export interface PageSourceStats {
   requests: number;
   pages: number;
   bytes: number;
+  refusedRequests: number;
+  /** Pull connections open now. */
+  activeConnections: number;
+  /** The destination confirmed every page home (HOMED, acknowledged); stays true. */
+  homed: boolean;
+  /** Milliseconds since the last pull connection closed (or the page source started); null while one is open. */
+  idleMs: number | null;
 }
 
 /** The destination's pull connection to the source (LazyStats.remote). */

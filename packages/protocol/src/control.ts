@@ -302,6 +302,41 @@ export interface HomingStatus {
   } | null;
 }
 
+/**
+ * GET /v1/migrations/:id/page-source (source): what the source knows of the post-copy pull. The
+ * coordinator asks when it loses the destination mid post-copy: the source alone can tell whether
+ * the copy may be running on its own memory (homed: the destination confirmed every page home,
+ * the original must never resume) or is certainly dead (never confirmed, and no pull connection
+ * for longer than the destination's give-up time: it killed its copy, or its agent died and the
+ * copy's guard killed it).
+ */
+export interface PageSourceStatus {
+  id: string;
+  /** The source session's state (committed: the original was killed; aborted: it resumed). */
+  state: AgentSessionState;
+  /** False when this migration left no page source here (cold, pre-copy, or already closed). */
+  serving: boolean;
+  /** The destination said every page is home and the source acknowledged it. */
+  homed: boolean;
+  /** Pull connections open now. */
+  activeConnections: number;
+  /** Milliseconds since the last pull connection closed (or the page source started); null while one is open. */
+  idleMs: number | null;
+  connections: number;
+  pages: number;
+  bytes: number;
+}
+
+/** How long the destination retries a lost pull connection before it kills its copy, unless the migration says (the engine's default). */
+export const DEFAULT_PULL_GIVE_UP_MS = 30_000;
+
+/**
+ * Beyond the give-up time, how long the source must have seen no pull connection before the
+ * coordinator, which cannot reach the destination, treats the copy as dead and resumes the
+ * original: covers the destination noticing the loss later than the source did.
+ */
+export const LOST_DESTINATION_MARGIN_MS = 5_000;
+
 export type AgentRole = 'source' | 'destination';
 export type AgentSessionState =
   | 'prepared' | 'precopy' | 'freezing' | 'dumping' | 'dumped' | 'restoring' | 'restored' | 'committed' | 'aborting' | 'aborted' | 'failed';
@@ -438,6 +473,22 @@ export const homingQuerySchema = {
   type: 'object',
   additionalProperties: false,
   properties: { waitMs: { type: 'string', pattern: '^(0|[1-9][0-9]{0,3}|[1-5][0-9]{4}|60000)$' } },
+} as const;
+
+export const pageSourceStatusSchema = {
+  type: 'object',
+  required: ['id', 'state', 'serving', 'homed', 'activeConnections', 'idleMs', 'connections', 'pages', 'bytes'],
+  properties: {
+    id: { type: 'string' },
+    state: { type: 'string' },
+    serving: { type: 'boolean' },
+    homed: { type: 'boolean' },
+    activeConnections: { type: 'integer', minimum: 0 },
+    idleMs: { type: ['number', 'null'], minimum: 0 },
+    connections: { type: 'integer', minimum: 0 },
+    pages: { type: 'integer', minimum: 0 },
+    bytes: { type: 'integer', minimum: 0 },
+  },
 } as const;
 
 export const precopyStartRequestSchema = {
