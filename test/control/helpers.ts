@@ -53,7 +53,7 @@ export function coordinatorOn(t: Teardownable, database: string, hosts: HostReco
   return { ...c, listening };
 }
 
-export type Step = 'check' | 'kernel' | 'prepare' | 'precopy' | 'round' | 'source' | 'restore' | 'homing' | 'commit' | 'abort';
+export type Step = 'check' | 'kernel' | 'prepare' | 'precopy' | 'round' | 'source' | 'restore' | 'homing' | 'page-source' | 'commit' | 'abort';
 
 export interface FakeAgentScript {
   /** Steps answered with an error: status and machine code. */
@@ -63,8 +63,13 @@ export interface FakeAgentScript {
   movable?: boolean;
   /** Pre-copy: the verdict of each round in turn (then 'converged'). */
   verdicts?: string[];
-  /** Post-copy: the homing states answered in turn (then the last one again); default running, homed. */
-  homing?: ('running' | 'reconnecting' | 'homed' | 'failed')[];
+  /**
+   * Post-copy: the homing states answered in turn (then the last one again); default running,
+   * homed. 'lost': the agent is gone from then on (every call meets a destroyed connection).
+   */
+  homing?: ('running' | 'reconnecting' | 'homed' | 'failed' | 'lost')[];
+  /** Source: the page source's answers in turn (then the last one again); default still pulling. */
+  pageSource?: { homed: boolean; idleMs: number | null }[];
 }
 
 /**
@@ -76,6 +81,13 @@ export async function fakeAgent(t: Teardownable, name: string, script: FakeAgent
   const calls: { step: Step; id?: string; body?: unknown }[] = [];
   const state = new Map<string, string>();
   const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+  let lost = false;
+  app.addHook('onRequest', async (req, reply) => {
+    if (!lost) return;
+    // A dead agent: no answer at all, the connection just goes away.
+    reply.hijack();
+    req.raw.socket.destroy();
+  });
   const answer = async (step: Step, id: string | undefined, body: unknown, reply: { code(n: number): { send(b: unknown): unknown } }, ok: () => unknown) => {
     calls.push({ step, ...(id !== undefined && { id }), ...(body !== undefined && { body }) });
     if (script.delay?.[step]) await sleep(script.delay[step]!);
@@ -150,6 +162,12 @@ export async function fakeAgent(t: Teardownable, name: string, script: FakeAgent
     answer('homing', req.params.id, undefined, reply, () => {
       const seq = script.homing ?? ['running', 'homed'];
       const s = seq[Math.min(looks++, seq.length - 1)]!;
+      if (s === 'lost') {
+        lost = true;
+        (reply as unknown as { hijack(): void }).hijack();
+        req.raw.socket.destroy();
+        return undefined;
+      }
       const done = s === 'homed' ? 300 : s === 'failed' ? 120 : 100;
       return {
         id: req.params.id,
@@ -167,6 +185,14 @@ export async function fakeAgent(t: Teardownable, name: string, script: FakeAgent
         homeMs: s === 'homed' ? 42 : null,
         remote: { state: s === 'reconnecting' ? 'reconnecting' : s === 'failed' ? 'failed' : s === 'homed' ? 'closed' : 'connected', reconnects: s === 'reconnecting' || looks > 2 ? 1 : 0, disconnectedMs: 0, faultRequests: 7, requestP50Ms: 0.07, requestP99Ms: 0.8, bytes: done * 4096, lastError: null },
       };
+    }),
+  );
+  let sourceLooks = 0;
+  app.get<{ Params: { id: string } }>('/v1/migrations/:id/page-source', async (req, reply) =>
+    answer('page-source', req.params.id, undefined, reply, () => {
+      const seq = script.pageSource ?? [{ homed: false, idleMs: null }];
+      const p = seq[Math.min(sourceLooks++, seq.length - 1)]!;
+      return { id: req.params.id, state: state.get(req.params.id) ?? 'dumped', serving: true, homed: p.homed, activeConnections: p.idleMs === null ? 1 : 0, idleMs: p.idleMs, connections: 2, pages: 100, bytes: 409600 };
     }),
   );
   app.post<{ Params: { id: string } }>('/v1/migrations/:id/commit', async (req, reply) =>

@@ -126,6 +126,32 @@ t.test('post-copy: no rounds; a pull that fails for good resumes the frozen orig
   t.same(b.steps(), ['prepare', 'restore', 'homing', 'homing', 'abort'], 'destination first');
 });
 
+t.test('post-copy: the destination agent lost mid-pull and silent past its give-up: the source resumes the original', async (t) => {
+  const a = await fakeAgent(t, 'hostA', { pageSource: [{ homed: false, idleMs: null }, { homed: false, idleMs: 1200 }, { homed: false, idleMs: 6000 }] });
+  const b = await fakeAgent(t, 'hostB', { homing: ['running', 'lost'] });
+  const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
+  const events: MigrationEvent[] = [];
+  coordinator.subscribe(null, (e) => events.push(e));
+  const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'postcopy', pullGiveUpMs: 500 }).id);
+  t.equal(rec.state, 'failed');
+  t.match(rec.failure, { kind: 'engine', phase: 'postcopy', message: /hostB is lost .* has not pulled from hostA for 6\.0 s, past its 0\.5 s give-up: its copy is dead.*resumed on hostA/ });
+  t.same(a.steps(), ['check', 'kernel', 'source', 'page-source', 'page-source', 'page-source', 'abort'], 'asked until silent past give-up + margin, then thawed');
+  t.ok(events.some((e) => /still pulls from hostA/.test(e.message)), 'while the source still saw a pull connection it waited');
+  t.ok(events.some((e) => /counts as dead after 5\.5 s/.test(e.message)), 'and said when it would decide');
+});
+
+t.test('post-copy: the destination agent lost after the source heard every page home: the migration finishes, the original never resumes', async (t) => {
+  const a = await fakeAgent(t, 'hostA', { pageSource: [{ homed: true, idleMs: 10 }] });
+  const b = await fakeAgent(t, 'hostB', { homing: ['running', 'lost'] });
+  const { coordinator } = coordinatorOn(t, join(tempDir(t), 'c.db'), [a.host, b.host]);
+  const events: MigrationEvent[] = [];
+  coordinator.subscribe(null, (e) => events.push(e));
+  const rec = await coordinator.settled(coordinator.create({ from: 'hostA', to: 'hostB', pid: 42, mode: 'postcopy' }).id);
+  t.equal(rec.state, 'done');
+  t.same(a.steps(), ['check', 'kernel', 'source', 'page-source', 'commit'], 'the original is killed, never thawed');
+  t.ok(events.some((e) => /destination agent hostB unreachable .*every page was home/.test(e.message)), 'the lost destination is a warning');
+});
+
 t.test('pre-copy: the switchover cost measured between two hosts is remembered for the next pre-copy, across coordinators', async (t) => {
   const a = await fakeAgent(t, 'hostA');
   const b = await fakeAgent(t, 'hostB');

@@ -25,7 +25,9 @@ import { EventEmitter } from 'node:events';
 import {
   BUILT_MODES,
   DEFAULT_MODE,
+  DEFAULT_PULL_GIVE_UP_MS,
   LAZY_MODES,
+  LOST_DESTINATION_MARGIN_MS,
   isTerminal,
   type CreateMigrationRequest,
   type FailureKind,
@@ -39,6 +41,7 @@ import {
   type MigrationState,
   type MigrationStats,
   type PageServerAddress,
+  type PageSourceStatus,
   type PrecopyRound,
   type PrecopyRoundResponse,
   type PrepareResponse,
@@ -50,6 +53,14 @@ import {
 import { createCoordinatorMetrics, type CoordinatorMetrics } from '@tern/metrics';
 import { AgentCallError, AgentClient } from './agent-client.js';
 import { ActiveMigrationConflict, MigrationStore, processStartTime, type Owner } from './store.js';
+
+/** What awaitHomed concludes; `lostDestination` (why it could not be asked) when the source decided. */
+type HomingVerdict = HomingStatus & { lostDestination?: string };
+
+/** A homing status made up for a destination that cannot be asked (the source's word instead). */
+function lostHoming(id: string, state: 'homed' | 'failed', detail: string): HomingStatus {
+  return { id, state, detail, pendingPages: 0, lazyPages: 0, faults: 0, faultPages: 0, backgroundPages: 0, zeroPages: 0, faultP50Ms: 0, faultP99Ms: 0, elapsedMs: 0, homeMs: null, remote: null };
+}
 
 /** Coordinator instances alive in this process (several in tests, or a CLI and its embedded one). */
 const liveInstances = new Set<string>();
@@ -430,6 +441,12 @@ export class Coordinator {
         }
         rec = this.get(id);
         this.emit(rec, 'log', `every page is home on ${rec.to}: finishing on both hosts`);
+        if (homed.lostDestination) {
+          for (const w of await this.finishCommitted(rec, { destinationLost: true })) this.emit(rec, 'log', w);
+          stats.totalMs = performance.now() - started;
+          this.finishDone(id, stats, phase);
+          return;
+        }
       } else {
         // postcopy: nothing is fetched from the source in cold and pre-copy modes (the destination
         // fills lazily from its own store); the original is killed, the page server closed.
@@ -530,7 +547,7 @@ export class Coordinator {
    * source until every page is home (or the fill ended otherwise), one progress event per look.
    * An unreachable destination agent is retried (the original stays frozen meanwhile).
    */
-  private async awaitHomed(rec: MigrationRecord, stats: MigrationStats): Promise<HomingStatus> {
+  private async awaitHomed(rec: MigrationRecord, stats: MigrationStats): Promise<HomingVerdict> {
     const dst = this.client(rec.to);
     const delays = this.opts.retryDelaysMs ?? [200, 500, 1000, 2000, 5000, 10000, 30000];
     let failures = 0;
@@ -541,10 +558,13 @@ export class Coordinator {
         h = await dst.call<HomingStatus>('GET', `/v1/migrations/${rec.id}/homing?waitMs=1000`, undefined, 30_000);
         failures = 0;
       } catch (err) {
-        // 404: the destination agent no longer knows the migration (it restarted): nothing to watch.
-        if (this.closed || (err instanceof AgentCallError && err.status === 404)) throw err;
-        const delay = delays[Math.min(failures++, delays.length - 1)]!;
-        this.emit(this.get(rec.id), 'log', `watching the post-copy on ${rec.to}: ${(err as Error).message}; retrying in ${delay} ms`);
+        // Unreachable, or 404: the destination agent no longer knows the migration (it died and
+        // restarted). Only the source can tell what became of the copy.
+        if (this.closed || !(err instanceof AgentCallError)) throw err;
+        const fate = await this.copyFateFromSource(rec, err.message);
+        if (fate.verdict) return fate.verdict;
+        const delay = Math.min(delays[Math.min(failures++, delays.length - 1)]!, fate.decideInMs ?? Infinity);
+        this.emit(this.get(rec.id), 'log', `watching the post-copy on ${rec.to}: ${err.message}; ${fate.note}; retrying in ${delay} ms`);
         await new Promise((r) => setTimeout(r, delay));
         continue;
       }
@@ -584,11 +604,56 @@ export class Coordinator {
   }
 
   /**
+   * The destination cannot be asked mid post-copy: the source decides what became of the copy.
+   *
+   * - The source heard HOMED (every page home, acknowledged): the copy may be running on its own;
+   *   the original must never resume. The migration finishes (the source kills the original).
+   * - Never HOMED, and no pull connection for longer than the destination's give-up time plus a
+   *   margin: the copy is dead — it killed itself when it could not pull for that long, or its
+   *   agent died and the guard holding its userfaultfd killed it (it never runs on zero pages).
+   *   The original resumes on the source.
+   * - Otherwise (still pulling, or not silent long enough, or the source cannot be asked): wait.
+   */
+  private async copyFateFromSource(rec: MigrationRecord, why: string): Promise<{ verdict?: HomingVerdict; note: string; decideInMs?: number }> {
+    let s: PageSourceStatus;
+    try {
+      s = await this.client(rec.from).call<PageSourceStatus>('GET', `/v1/migrations/${rec.id}/page-source`, undefined, 10_000);
+    } catch (err) {
+      return { note: `${rec.from} cannot say either (${(err as Error).message})` };
+    }
+    // Finished there already (a previous run of this coordinator got that far).
+    if (s.state === 'committed') {
+      return { verdict: { ...lostHoming(rec.id, 'homed', `${rec.from} already committed (the original is gone)`), lostDestination: why }, note: 'the source already committed' };
+    }
+    if (s.state === 'aborted') {
+      return { verdict: { ...lostHoming(rec.id, 'failed', `${rec.from} already resumed the original`), lostDestination: why }, note: 'the source already rolled back' };
+    }
+    if (!s.serving) return { note: `${rec.from} serves no pages for it (${s.state})` };
+    if (s.homed) {
+      return {
+        verdict: { ...lostHoming(rec.id, 'homed', `${rec.from} confirmed every page reached ${rec.to}`), lostDestination: why },
+        note: 'the source confirmed every page home',
+      };
+    }
+    const giveUpMs = rec.pullGiveUpMs ?? DEFAULT_PULL_GIVE_UP_MS;
+    const deadAfterMs = giveUpMs + LOST_DESTINATION_MARGIN_MS;
+    if (s.activeConnections > 0 || s.idleMs === null) return { note: `${rec.to} still pulls from ${rec.from}` };
+    if (s.idleMs > deadAfterMs) {
+      const detail = `${rec.to} is lost (${why}) and has not pulled from ${rec.from} for ${(s.idleMs / 1000).toFixed(1)} s, past its ${(giveUpMs / 1000).toFixed(1)} s give-up: its copy is dead`;
+      return { verdict: { ...lostHoming(rec.id, 'failed', detail), lostDestination: why }, note: detail };
+    }
+    return {
+      note: `no pull from ${rec.to} for ${(s.idleMs / 1000).toFixed(1)} s; its copy counts as dead after ${(deadAfterMs / 1000).toFixed(1)} s`,
+      decideInMs: Math.ceil(deadAfterMs - s.idleMs) + 100,
+    };
+  }
+
+  /**
    * The pull failed for good after the commit point: the destination's copy was killed (never
    * left reading zeros) and the source still holds the original frozen at the switchover. Both
    * sides roll back — the original resumes on the source — and the migration fails loudly.
    */
-  private async failAfterCommit(id: string, stats: MigrationStats, homed: HomingStatus, started: number): Promise<void> {
+  private async failAfterCommit(id: string, stats: MigrationStats, homed: HomingVerdict, started: number): Promise<void> {
     const rec = this.get(id);
     const failure: MigrationFailure = {
       kind: 'engine',
@@ -596,7 +661,7 @@ export class Coordinator {
       message: `post-copy failed on ${rec.to}: ${homed.detail ?? 'its memory could not be pulled'}; the copy there was killed and pid ${rec.pid} resumed on ${rec.from} from its state at the switchover (what the copy did since is lost)`,
     };
     this.emit(rec, 'log', failure.message);
-    await this.rollBackAndRecord(id, failure, stats, started);
+    await this.rollBackAndRecord(id, failure, stats, started, { destinationLost: homed.lostDestination !== undefined });
   }
 
   /** Runs one agent call, turning its errors into the migration's failure. */
@@ -659,20 +724,32 @@ export class Coordinator {
     return rec;
   }
 
-  /** Destination first (drop what it built), then the source (thaw): never two copies running. */
-  private async rollBack(rec: MigrationRecord): Promise<void> {
+  /**
+   * Destination first (drop what it built), then the source (thaw): never two copies running.
+   * `destinationLost`: the source established that the destination's copy is dead (see
+   * copyFateFromSource); an unreachable destination agent is then no reason to keep the original
+   * frozen.
+   */
+  private async rollBack(rec: MigrationRecord, opts: { destinationLost?: boolean } = {}): Promise<void> {
     const tolerate = (err: unknown) => {
       // 404: that agent holds nothing for this migration (never reached, or already forgot it).
       if (err instanceof AgentCallError && (err.status === 404 || err.status === 501)) return;
       throw err;
     };
-    await this.client(rec.to).call('POST', `/v1/migrations/${rec.id}/abort`, undefined, this.opts.longCallTimeoutMs ?? 600_000).catch(tolerate);
+    const tolerateLost = (err: unknown) => {
+      if (opts.destinationLost && err instanceof AgentCallError && err.unreachable) {
+        this.emit(this.get(rec.id), 'log', `${rec.to} unreachable (${err.message}): its copy is dead, nothing to drop there`);
+        return;
+      }
+      tolerate(err);
+    };
+    await this.client(rec.to).call('POST', `/v1/migrations/${rec.id}/abort`, undefined, this.opts.longCallTimeoutMs ?? 600_000).catch(tolerateLost);
     await this.client(rec.from).call('POST', `/v1/migrations/${rec.id}/abort`, undefined, this.opts.longCallTimeoutMs ?? 600_000).catch(tolerate);
   }
 
-  private async rollBackAndRecord(id: string, failure: MigrationFailure, stats: MigrationStats, started: number | null): Promise<void> {
+  private async rollBackAndRecord(id: string, failure: MigrationFailure, stats: MigrationStats, started: number | null, opts: { destinationLost?: boolean } = {}): Promise<void> {
     try {
-      await this.rollBack(this.get(id));
+      await this.rollBack(this.get(id), opts);
     } catch (err) {
       // An agent we cannot reach may hold a frozen original: keep the record unfinished and retry.
       this.emit(this.get(id), 'log', `${failure.message}; rolling back failed (${(err as Error).message}): retrying`);
@@ -683,8 +760,13 @@ export class Coordinator {
     this.finishUndone(id, failure, stats, started);
   }
 
-  /** After the commit point: the source kills the original, the destination closes its page server. */
-  private async finishCommitted(rec: MigrationRecord): Promise<string[]> {
+  /**
+   * After the commit point: the source kills the original, the destination closes its page server.
+   * `destinationLost`: the source confirmed every page home while the destination agent could not
+   * be reached; an unreachable destination is then a warning (it has nothing left to close that
+   * matters to the process), not a reason to retry forever.
+   */
+  private async finishCommitted(rec: MigrationRecord, opts: { destinationLost?: boolean } = {}): Promise<string[]> {
     const warnings: string[] = [];
     for (const [host, role] of [[rec.from, 'source'], [rec.to, 'destination']] as const) {
       try {
@@ -692,6 +774,10 @@ export class Coordinator {
       } catch (err) {
         if (err instanceof AgentCallError && err.status === 404) {
           warnings.push(`${role} agent ${host} no longer knows this migration (restarted?)`);
+          continue;
+        }
+        if (role === 'destination' && opts.destinationLost && err instanceof AgentCallError && err.unreachable) {
+          warnings.push(`destination agent ${host} unreachable (${err.message}); every page was home before it was lost`);
           continue;
         }
         throw err;
@@ -726,19 +812,18 @@ export class Coordinator {
         if (isTerminal(rec.state)) return;
         try {
           if (rec.committed) {
+            let destinationLost = false;
             if (LAZY_MODES.includes(rec.mode)) {
               // The original may still serve pages: it is killed only once they are all home.
               const stats = { ...rec.stats };
-              const homed = await this.awaitHomed(rec, stats).catch((err: unknown) => {
-                if (err instanceof AgentCallError && err.status === 404) return null; // destination forgot it (restarted)
-                throw err;
-              });
-              if (homed?.state === 'failed') {
+              const homed = await this.awaitHomed(rec, stats);
+              if (homed.state === 'failed') {
                 await this.failAfterCommit(id, stats, homed, performance.now());
                 return;
               }
+              destinationLost = homed.lostDestination !== undefined;
             }
-            const warnings = await this.finishCommitted(rec);
+            const warnings = await this.finishCommitted(rec, { destinationLost });
             for (const w of warnings) this.emit(rec, 'log', w);
             if (fromRestart) this.metrics.recoveriesTotal.inc({ result: 'done' });
             this.finishDone(id, rec.stats, { at: performance.now(), state: rec.state });
