@@ -147,6 +147,32 @@ t.test('the source unreachable for good: the destination gives up, its copy is k
   await verified(t, wl.status, wl.pid, 'hostA after the failed post-copy');
 });
 
+t.test('the destination agent killed mid post-copy: its copy never runs on zero pages, and once hostB is silent past its give-up the original resumes on hostA', async (t) => {
+  const lab = await labWithAgents(t);
+  const wl = await startMemcheck(lab, 'hostA', 512);
+  // 50 MB/s: the background pull of 512 MiB takes ~10 s, so the kill lands in the middle of it.
+  const running = migrate(lab, wl.pid, 'hostA', 'hostB', ['--mode', 'postcopy', '--bandwidth', '50', '--give-up-after', '2']);
+  await waitFor('memcheck on hostB', () => runsOn(lab, 'hostB', wl.pid), 60_000, 100);
+  await sleep(500);
+  // The agent holding the copy's userfaultfd dies (we started it; by pid). Without the guard the
+  // kernel would drop the registration and every page not yet home would read as zero.
+  const agentB = lab.agents()!.hosts['hostB']!.pid;
+  const killed = await lab.run('hostB', ['kill', '-KILL', String(agentB)]);
+  t.equal(killed.code, 0, `hostB's agent (pid ${agentB}) killed`);
+  const killedAt = Date.now();
+  await waitFor('the copy on hostB to be gone', async () => !(await runsOn(lab, 'hostB', wl.pid)), 5_000, 20);
+  t.pass(`the guard killed the copy on hostB ${Date.now() - killedAt} ms after its agent died`);
+  const m = await running;
+  t.comment(m.out.split('\n').filter((l) => /lost|dead|failed|resumed/.test(l)).slice(-4).join(' | '));
+  t.equal(m.code, 3, 'migrate fails loudly (exit 3)');
+  t.equal(m.record?.state, 'failed');
+  t.match(m.record?.failure, { phase: 'postcopy', message: /hostB is lost .*its copy is dead.*resumed on hostA/ });
+  t.notOk(await runsOn(lab, 'hostB', wl.pid), 'no copy on hostB');
+  t.ok(await runsOn(lab, 'hostA', wl.pid), 'the original runs again on hostA');
+  await sleep(1000);
+  await verified(t, wl.status, wl.pid, 'hostA after the lost destination');
+});
+
 t.test('redis under redis-benchmark moves in the default (hybrid) mode without an error', async (t) => {
   const lab = await labWithAgents(t);
   const pid = await startRedis(lab);
