@@ -21,4 +21,5 @@ export {
   type TcpTuple,
 } from './network.js';
 export { parseSsQuiet, watchTcpResume } from './tcp-resume.js';
+export { CommandSpawner, runCommand, runDirect, sharedCommandSpawner, type CommandError, type RunOptions, type RunResult } from './spawner.js';
 export { CpuThrottle, sweepThrottleCgroups } from './throttle.js';
