@@ -58,6 +58,7 @@ import type { LazyStats } from '@tern/native';
 import { destinationBlockers } from './readiness.js';
 import { watchTcpResume } from './tcp-resume.js';
 import { AgentSession, SessionTable } from './sessions.js';
+import { acquireCommandSpawner } from './spawner.js';
 import { AddressHandoff, NetworkLock, formatServiceAddress, guardRestore, parseServiceAddress, unguardRestore, unlockNetwork, type HandoffDetails } from './network.js';
 
 export interface AgentApp {
@@ -132,6 +133,10 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
     bodyLimit: 512 * 1024 * 1024,
     ajv: { customOptions: { allErrors: false, removeAdditional: false, coerceTypes: false } },
   });
+  // The agent's commands (ip, nft, ss, hooks) run through a small child forked now, while the
+  // agent is small: forking the agent itself once it holds a page store blocks it (spawner.ts).
+  const releaseSpawner = acquireCommandSpawner({ log: (m) => app.log.warn(m) });
+  app.addHook('onClose', async () => await releaseSpawner());
   const metrics = createAgentMetrics();
   const sessions = new SessionTable();
   const engine = opts.engine ?? nativeMigrationEngine();

@@ -15,12 +15,9 @@
  *   unsolicited NA; undone in the opposite order on rollback. A user's hook script replaces the
  *   built-in ip(8) handler for networks where addresses move otherwise (keepalived, BGP, a cloud).
  */
-import { execFile, spawn } from 'node:child_process';
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { isIP } from 'node:net';
-import { promisify } from 'node:util';
-
-const execFileP = promisify(execFile);
+import { runCommand, type CommandError } from './spawner.js';
 
 export interface TcpTuple {
   v6: boolean;
@@ -149,17 +146,14 @@ export function lockScript(migrationId: string, tuples: TcpTuple[], ownerPid = p
 }
 
 async function nft(args: string[], input?: string): Promise<string> {
-  if (input === undefined) return (await execFileP('nft', args)).stdout;
-  return await new Promise((resolve, reject) => {
-    const child = spawn('nft', args, { stdio: ['pipe', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d) => (out += d));
-    child.stderr.on('data', (d) => (err += d));
-    child.on('error', reject);
-    child.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`nft ${args.join(' ')}: ${err.trim() || `exit ${code}`}`))));
-    child.stdin.end(input);
-  });
+  if (input === undefined) return (await runCommand('nft', args)).stdout;
+  try {
+    return (await runCommand('nft', args, { input })).stdout;
+  } catch (err) {
+    const e = err as CommandError;
+    if (typeof e.code !== 'number') throw err; // not nft's failure (no nft, killed): as it is
+    throw new Error(`nft ${args.join(' ')}: ${e.stderr.trim() || `exit ${e.code}`}`);
+  }
 }
 
 const tupleKey = (t: TcpTuple) => `${t.localAddress}|${t.localPort}|${t.remoteAddress}|${t.remotePort}`;
@@ -374,7 +368,7 @@ export class AddressHandoff {
       const a = parseServiceAddress(text);
       const dev = this.opts.dev ?? (await hostAddresses()).get(canonicalAddress(a.address));
       if (!dev) continue; // not here any more
-      await execFileP('ip', [a.address.includes(':') ? '-6' : '-4', 'addr', 'del', formatServiceAddress(a), 'dev', dev]).catch((err: Error) => {
+      await runCommand('ip', [a.address.includes(':') ? '-6' : '-4', 'addr', 'del', formatServiceAddress(a), 'dev', dev]).catch((err: Error) => {
         if (!/Cannot assign|not found|No such/i.test(err.message)) throw new Error(`releasing ${text}: ${err.message.trim()}`);
       });
     }
@@ -388,7 +382,7 @@ export class AddressHandoff {
       const v6 = a.address.includes(':');
       const dev = this.opts.dev ?? (await routeDevice(a.address));
       if (!dev) throw new Error(`claiming ${text}: no device routes to it on this host (set the agent's addressDev)`);
-      await execFileP('ip', v6 ? ['-6', 'addr', 'add', formatServiceAddress(a), 'dev', dev, 'nodad'] : ['-4', 'addr', 'add', formatServiceAddress(a), 'dev', dev]).catch((err: Error) => {
+      await runCommand('ip', v6 ? ['-6', 'addr', 'add', formatServiceAddress(a), 'dev', dev, 'nodad'] : ['-4', 'addr', 'add', formatServiceAddress(a), 'dev', dev]).catch((err: Error) => {
         if (!/File exists/.test(err.message)) throw new Error(`claiming ${text}: ${err.message.trim()}`);
       });
       announce(a.address, dev);
@@ -397,7 +391,7 @@ export class AddressHandoff {
 
   private async runHook(phase: 'release' | 'claim', role: 'source' | 'destination', addresses: string[], details: HandoffDetails): Promise<void> {
     try {
-      await execFileP(this.opts.hook!, [phase], {
+      await runCommand(this.opts.hook!, [phase], {
         env: {
           ...process.env,
           TERN_PHASE: phase,
@@ -408,7 +402,7 @@ export class AddressHandoff {
           TERN_TO: details.to,
           TERN_ADDRESSES: addresses.join(','),
         },
-        timeout: 30_000,
+        timeoutMs: 30_000,
       });
     } catch (err) {
       const e = err as Error & { stderr?: string; code?: number | string };
@@ -420,7 +414,7 @@ export class AddressHandoff {
 /** Every address configured on this host (network namespace). */
 /** Every address configured on this host (network namespace), canonical, → its device. */
 async function hostAddresses(): Promise<Map<string, string>> {
-  const { stdout } = await execFileP('ip', ['-j', 'addr', 'show']);
+  const { stdout } = await runCommand('ip', ['-j', 'addr', 'show']);
   const out = new Map<string, string>();
   for (const link of JSON.parse(stdout) as { ifname: string; addr_info?: { local?: string }[] }[]) {
     for (const a of link.addr_info ?? []) if (a.local) out.set(canonicalAddress(a.local), link.ifname);
@@ -431,7 +425,7 @@ async function hostAddresses(): Promise<Map<string, string>> {
 /** The device this host would send to `address` through (its subnet's interface). */
 async function routeDevice(address: string): Promise<string | null> {
   try {
-    const { stdout } = await execFileP('ip', ['-j', 'route', 'get', address]);
+    const { stdout } = await runCommand('ip', ['-j', 'route', 'get', address]);
     const dev = (JSON.parse(stdout) as { dev?: string }[])[0]?.dev;
     return dev && dev !== 'lo' ? dev : null;
   } catch {
@@ -446,7 +440,7 @@ async function routeDevice(address: string): Promise<string | null> {
  * wait for it. Best effort: a peer that misses it re-resolves when its entry goes stale.
  */
 export function announce(address: string, dev: string): void {
-  const run = (cmd: string, args: string[]) => void execFileP(cmd, args).catch(() => {});
+  const run = (cmd: string, args: string[]) => void runCommand(cmd, args).catch(() => {});
   if (address.includes(':')) return run('ndisc6', ['-q', address, dev]);
   run('arping', ['-q', '-U', '-c', '1', '-I', dev, address]);
   run('arping', ['-q', '-A', '-c', '1', '-I', dev, address]);

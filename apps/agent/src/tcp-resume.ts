@@ -12,11 +12,8 @@
  * last received data. (Not `lastack`: leaving repair mode sends a window probe that every peer
  * ACKs at once, which says nothing about the data it still has to send again.)
  */
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
 import { socketInodes } from './network.js';
-
-const execFileP = promisify(execFile);
+import { runCommand } from './spawner.js';
 
 export interface TcpResumeReport {
   /** Established connections of the process when the watch started. */
@@ -59,7 +56,7 @@ export async function watchTcpResume(pid: number, resumedAt: number, opts: { tim
   for (;;) {
     let text = '';
     try {
-      text = (await execFileP('ss', ['-tinHe', 'state', 'established'])).stdout;
+      text = (await runCommand('ss', ['-tinHe', 'state', 'established'])).stdout;
     } catch {
       break; // no ss: nothing to report
     }
