@@ -135,8 +135,11 @@ export function buildAgentApp(config: AgentConfig, opts: AgentAppOptions = {}): 
   });
   // The agent's commands (ip, nft, ss, hooks) run through a small child forked now, while the
   // agent is small: forking the agent itself once it holds a page store blocks it (spawner.ts).
-  const releaseSpawner = acquireCommandSpawner({ log: (m) => app.log.warn(m) });
-  app.addHook('onClose', async () => await releaseSpawner());
+  // commandSpawner: false runs them directly (runCommand falls back to execFile).
+  if (config.commandSpawner !== false) {
+    const releaseSpawner = acquireCommandSpawner({ log: (m) => app.log.warn(m) });
+    app.addHook('onClose', async () => await releaseSpawner());
+  }
   const metrics = createAgentMetrics();
   const sessions = new SessionTable();
   const engine = opts.engine ?? nativeMigrationEngine();

@@ -1,7 +1,10 @@
 /**
  * Agent configuration: a JSON file named by `tern-agent --config FILE`, overridable by environment
  * (TERN_AGENT_NAME, TERN_AGENT_LISTEN, TERN_AGENT_PORT, TERN_AGENT_ADVERTISE, TERN_CLUSTER_TOKEN,
- * TERN_SERVICE_ADDRESSES, TERN_ADDRESS_DEV, TERN_ADDRESS_HOOK) so systemd's environment file works.
+ * TERN_SERVICE_ADDRESSES, TERN_ADDRESS_DEV, TERN_ADDRESS_HOOK, TERN_AGENT_COMMAND_SPAWNER) so
+ * systemd's environment file works. TERN_AGENT_COMMAND_SPAWNER=0 (commandSpawner: false) runs the
+ * agent's commands straight from the agent instead of through its spawner child (spawner.ts): an
+ * escape hatch, and the baseline of test/bench/handoff.bench.mjs.
  */
 import { readFileSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
@@ -25,6 +28,12 @@ export interface AgentConfig {
   addressDev?: string;
   /** Absolute path of a script that moves the addresses instead of the built-in handler. */
   addressHook?: string;
+  /**
+   * Run the agent's commands (ip, nft, arping, ss, hooks) through a small child forked at start
+   * (spawner.ts); default true. false: straight from the agent, which forks the whole agent, page
+   * store included (TERN_AGENT_COMMAND_SPAWNER=0|1).
+   */
+  commandSpawner?: boolean;
 }
 
 export class ConfigError extends Error {
@@ -70,6 +79,13 @@ export function loadAgentConfig(file: string | undefined, env: NodeJS.ProcessEnv
   if (hook !== undefined) {
     if (typeof hook !== 'string' || !isAbsolute(hook)) throw new ConfigError('addressHook must be an absolute path to an executable');
     Object.assign(config, { addressHook: hook });
+  }
+  const spawnerEnv = env.TERN_AGENT_COMMAND_SPAWNER;
+  if (spawnerEnv !== undefined && spawnerEnv !== '0' && spawnerEnv !== '1') throw new ConfigError('TERN_AGENT_COMMAND_SPAWNER must be 0 or 1');
+  const commandSpawner = spawnerEnv !== undefined ? spawnerEnv === '1' : raw.commandSpawner;
+  if (commandSpawner !== undefined) {
+    if (typeof commandSpawner !== 'boolean') throw new ConfigError('commandSpawner must be true or false');
+    Object.assign(config, { commandSpawner });
   }
   if (typeof config.clusterToken !== 'string' || config.clusterToken.length < 16) {
     throw new ConfigError('clusterToken (or TERN_CLUSTER_TOKEN) must be set to at least 16 characters');
