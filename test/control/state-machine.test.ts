@@ -138,6 +138,7 @@ t.test('post-copy: the destination agent lost mid-pull and silent past its give-
   t.same(a.steps(), ['check', 'kernel', 'source', 'page-source', 'page-source', 'page-source', 'abort'], 'asked until silent past give-up + margin, then thawed');
   t.ok(events.some((e) => /still pulls from hostA/.test(e.message)), 'while the source still saw a pull connection it waited');
   t.ok(events.some((e) => /counts as dead after 5\.5 s/.test(e.message)), 'and said when it would decide');
+  t.match(await coordinator.metrics.registry.metrics(), /tern_postcopy_lost_destination_total\{outcome="rolled-back"\} 1/);
 });
 
 t.test('post-copy: the destination agent lost after the source heard every page home: the migration finishes, the original never resumes', async (t) => {
@@ -150,6 +151,7 @@ t.test('post-copy: the destination agent lost after the source heard every page 
   t.equal(rec.state, 'done');
   t.same(a.steps(), ['check', 'kernel', 'source', 'page-source', 'commit'], 'the original is killed, never thawed');
   t.ok(events.some((e) => /destination agent hostB unreachable .*every page was home/.test(e.message)), 'the lost destination is a warning');
+  t.match(await coordinator.metrics.registry.metrics(), /tern_postcopy_lost_destination_total\{outcome="finished"\} 1/);
 });
 
 t.test('pre-copy: the switchover cost measured between two hosts is remembered for the next pre-copy, across coordinators', async (t) => {

@@ -562,7 +562,11 @@ export class Coordinator {
         // restarted). Only the source can tell what became of the copy.
         if (this.closed || !(err instanceof AgentCallError)) throw err;
         const fate = await this.copyFateFromSource(rec, err.message);
-        if (fate.verdict) return fate.verdict;
+        if (fate.verdict) {
+          this.metrics.lostDestinationTotal.inc({ outcome: fate.verdict.state === 'failed' ? 'rolled-back' : 'finished' });
+          this.emit(this.get(rec.id), 'log', `${rec.to} cannot be asked (${err.message}); ${rec.from} decided: ${fate.note}`);
+          return fate.verdict;
+        }
         const delay = Math.min(delays[Math.min(failures++, delays.length - 1)]!, fate.decideInMs ?? Infinity);
         this.emit(this.get(rec.id), 'log', `watching the post-copy on ${rec.to}: ${err.message}; ${fate.note}; retrying in ${delay} ms`);
         await new Promise((r) => setTimeout(r, delay));

@@ -37,6 +37,8 @@ export type MigrationResult = 'done' | 'aborted' | 'failed';
 export const MIGRATION_RESULTS: readonly MigrationResult[] = ['done', 'aborted', 'failed'];
 /** Phases whose bytes are counted separately. */
 export const BYTE_PHASES = ['precopy', 'switchover', 'postcopy'] as const;
+/** What the source decided about a destination lost mid post-copy. */
+export const LOST_DESTINATION_OUTCOMES = ['finished', 'rolled-back'] as const;
 export const PAGE_KINDS = ['data', 'zero', 'dirty', 'lazy', 'fault', 'background'] as const;
 
 function registryWithDefaults(prefix: string, defaultMetrics: boolean): Registry {
@@ -229,6 +231,11 @@ export interface CoordinatorMetrics {
   homeSeconds: Histogram<'mode'>;
   /** Post-copy and hybrid: pull connections lost and re-established during homing. */
   pullReconnectsTotal: Counter;
+  /**
+   * Post-copy and hybrid: the destination could not be asked and the source decided, by outcome:
+   * finished (it had heard every page home) or rolled-back (never heard it, silent past give-up).
+   */
+  lostDestinationTotal: Counter<'outcome'>;
   migrationsInProgress: Gauge;
   /** Calls to agents that failed (unreachable, 5xx), by host. */
   agentErrorsTotal: Counter<'host'>;
@@ -328,6 +335,12 @@ export function createCoordinatorMetrics(opts: { prefix?: string; defaultMetrics
       help: 'Post-copy and hybrid: pull connections to the source lost and re-established during homing',
       registers,
     }),
+    lostDestinationTotal: new Counter({
+      name: `${prefix}postcopy_lost_destination_total`,
+      help: 'Post-copy and hybrid: destinations lost during homing, by what the source decided (finished: every page was home; rolled-back: the copy was dead, the original resumed)',
+      labelNames: ['outcome'],
+      registers,
+    }),
     migrationsInProgress: new Gauge({
       name: `${prefix}migrations_in_progress`,
       help: 'Migrations currently between check and a final state',
@@ -356,5 +369,6 @@ export function createCoordinatorMetrics(opts: { prefix?: string; defaultMetrics
   for (const phase of BYTE_PHASES) m.bytesTotal.inc({ phase }, 0);
   for (const kind of PAGE_KINDS) m.pagesTotal.inc({ kind }, 0);
   for (const result of MIGRATION_RESULTS) m.recoveriesTotal.inc({ result }, 0);
+  for (const outcome of LOST_DESTINATION_OUTCOMES) m.lostDestinationTotal.inc({ outcome }, 0);
   return m;
 }
