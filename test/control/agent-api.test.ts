@@ -316,7 +316,7 @@ t.test('post-copy roles (engine double): the source serves what stays, the desti
     state: { state: 'homed' as const },
     summary: { ranges: 1, registeredPages: 8, lazyPages: 5, features: 0 },
     faults: 2, faultPages: 2, zeroPages: 0, backgroundPages: 3, droppedPages: 0, pendingPages: 0,
-    eventsFork: 0, eventsRemap: 0, eventsRemove: 0, eventsUnmap: 0, retries: 0,
+    eventsFork: 0, forksUnguarded: 0, eventsRemap: 0, eventsRemove: 0, eventsUnmap: 0, retries: 0,
     faultP50Ns: 80_000, faultP99Ns: 900_000, faultMaxNs: 900_000, elapsedNs: 5e6, homeNs: 5e6,
     remote: { state: 'closed' as const, reconnects: 1, disconnectedNs: 2e9, faultRequests: 2, faultPages: 2, prefetchPages: 3, bytes: 20480, requestP50Ns: 70_000, requestP99Ns: 800_000, lastError: 'connection reset by peer' },
   };

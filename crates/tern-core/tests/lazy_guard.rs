@@ -2,7 +2,10 @@
 //! userfaultfd (the agent) dies while pages are pending, the restored process is killed — it
 //! never runs on zero pages — and when memory comes home normally the guard goes away without a
 //! trace. Real processes: test/workloads memcheck (it verifies every page it reads), restored
-//! lazily by a copy of this very test binary acting as the agent, which the test then SIGKILLs.
+//! lazily by a copy of this very test binary acting as the agent, which the test then SIGKILLs;
+//! and tests/lazy/fixture.c forkslow, which forks right after the restore, parent and child
+//! then checking their (still lazy) memory page by page: the guard kills the child too, and
+//! neither ever reads a wrong page.
 mod support;
 
 use std::io::{BufRead, BufReader};
@@ -18,6 +21,10 @@ use support::{migrate_held, num, read_status, OwnedProc};
 
 /// Set (to memcheck's status file) in the copy of this binary that acts as the agent.
 const AGENT_ENV: &str = "TERN_GUARD_TEST_AGENT_STATUS";
+/// Set (to the fixture's status file) in the copy that acts as the agent of a forking process.
+const FORK_AGENT_ENV: &str = "TERN_GUARD_TEST_FORK_AGENT_STATUS";
+/// The fixture's executable, for that agent.
+const FIXTURE_ENV: &str = "TERN_GUARD_TEST_FIXTURE";
 /// The agent's line on stdout with the restored process.
 const AGENT_LINE: &str = "tern-guard-test restored";
 
@@ -92,11 +99,14 @@ fn reap(pid: i32) -> i32 {
 
 /// What the agent test started, killed and reaped on every path (also when an assertion fails):
 /// the agent first, so that what it started becomes ours (see [`become_subreaper`]), then the
-/// restored process, then the guard (which exits once the process has).
+/// restored process, then the child it forked (ours once the restored process is gone; killed
+/// by its pidfd: the restored process may have reaped it), then the guard (which exits once the
+/// process has).
 #[derive(Default)]
 struct Started {
     agent: Option<i32>,
     restored: Option<i32>,
+    child: Option<(i32, OwnedFd)>,
     guard: Option<i32>,
 }
 
@@ -107,6 +117,15 @@ impl Drop for Started {
             // that the agent started and that is ours since the agent is gone.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        if let Some((pid, pidfd)) = self.child.take() {
+            // SAFETY: SIGKILL by our pidfd of the forked child (it names only that process),
+            // then waitpid by its pid: ours once its parent (reaped above) is gone, or ECHILD if
+            // that parent reaped it first; either way it returns at once.
+            unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
                 libc::waitpid(pid, std::ptr::null_mut(), 0);
             }
         }
@@ -143,6 +162,170 @@ fn act_as_agent(status: &Path) -> ! {
     }
 }
 
+/// The agent's part for a process that forks (in the copy of this binary): restore the fixture
+/// lazily with the background fill held, make it fork (its trigger), wait until parent and child
+/// both check their memory, say which pids and how much is pending, then wait to be killed.
+fn act_as_fork_agent(status: &Path) -> ! {
+    let fixture = std::env::var_os(FIXTURE_ENV).expect("the fixture's path");
+    let trigger = status.with_extension("go");
+    let _ = std::fs::remove_file(&trigger);
+    let child_status = PathBuf::from(format!("{}.child", status.display()));
+    let _ = std::fs::remove_file(&child_status);
+    let mut cmd = Command::new(fixture);
+    cmd.arg(status).arg(&trigger).args(["128", "forkslow"]);
+    let (proc, _) = support::start_with_status(
+        &mut cmd,
+        status,
+        |s| s.get("phase").is_some_and(|p| p == "ready"),
+        "the fixture to start",
+        Duration::from_secs(60),
+    );
+    let (restored, handle) = migrate_held(proc.pid);
+    std::mem::forget(proc); // killed by the guard, or by the test
+    let handle = handle.expect("a lazy handle");
+    std::fs::write(&trigger, b"").expect("the trigger");
+    let running = |phase: &'static str| {
+        move |s: &support::Status| s.get("phase").is_some_and(|p| p == phase) && num(s, "checked") >= 128
+    };
+    support::wait_for_status(status, running("parent-running"), "the parent to check", Duration::from_secs(30));
+    let child = support::wait_for_status(
+        &child_status,
+        running("child-running"),
+        "the child to check",
+        Duration::from_secs(30),
+    );
+    // The thread publishes its figures every 64 rounds (the two processes keep faulting).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stats = handle.stats();
+    while stats.events_fork == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        stats = handle.stats();
+    }
+    println!(
+        "{AGENT_LINE} pid={} child={} pending={} forks={} unguarded={}",
+        restored.pid,
+        num(&child, "pid"),
+        stats.pending_pages,
+        stats.events_fork,
+        stats.forks_unguarded
+    );
+    std::mem::forget(handle);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Starts a copy of this binary running `test` as the agent (with `env`; its pid in `started`,
+/// killed and reaped by it) and waits for its line: a lookup of the line's `key=value` numbers.
+fn start_agent(test: &str, env: &[(&str, &std::ffi::OsStr)], started: &mut Started) -> impl Fn(&str) -> i64 {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", test, "--nocapture"]).stdin(Stdio::null()).stdout(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("starting the agent");
+    started.agent = Some(child.id() as i32);
+    let stdout = child.stdout.take().unwrap();
+    std::mem::forget(child); // reaped by pid
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix(AGENT_LINE) {
+                let _ = tx.send(rest.to_owned());
+            }
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(120)).expect("the agent's restore");
+    move |key: &str| -> i64 {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+    }
+}
+
+/// The agent restores the fixture lazily, which forks at once; parent and child check their
+/// memory page by page, most of it still lazy (the background fill is held), when the agent is
+/// SIGKILLed: the guard, which holds the child's userfaultfd too, kills both within moments, and
+/// neither ever read a wrong page (a zero where its data should be).
+#[test]
+fn agent_death_kills_a_forked_child_too() {
+    if let Some(status) = std::env::var_os(FORK_AGENT_ENV) {
+        act_as_fork_agent(Path::new(&status));
+    }
+    if std::env::var_os(AGENT_ENV).is_some() {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    become_subreaper();
+    let fixture = support::build_fixture("lazy/fixture.c", "lazy-fixture");
+    let status = status_file("fork");
+    let child_status = PathBuf::from(format!("{}.child", status.display()));
+    let mut started = Started::default();
+    let field = start_agent(
+        "agent_death_kills_a_forked_child_too",
+        &[(FORK_AGENT_ENV, status.as_os_str()), (FIXTURE_ENV, fixture.as_os_str())],
+        &mut started,
+    );
+    let agent = started.agent.unwrap();
+    let restored = field("pid") as i32;
+    started.restored = Some(restored);
+    let child = field("child") as i32;
+    let pidfd = pidfd_open(restored);
+    let child_pidfd = pidfd_open(child);
+    started.child = Some((child, child_pidfd.try_clone().unwrap()));
+    let guards = guards_of(agent);
+    started.guard = guards.first().map(|g| g.0);
+    let (pending, forks, unguarded) = (field("pending"), field("forks"), field("unguarded"));
+    eprintln!(
+        "agent {agent} restored {restored}, which forked {child}; {pending} pages pending, {forks} fork(s),          {unguarded} unguarded; guard {guards:?}"
+    );
+    assert!(pending > 0, "the agent's restore homed everything already");
+    assert_eq!((forks, unguarded), (1, 0), "one fork, its userfaultfd handed to the guard");
+    assert_eq!(guards.len(), 1, "one guard, the agent's child: {guards:?}");
+    let guard = guards[0].0;
+    assert!(!exits_within(&child_pidfd, Duration::ZERO), "the child is not running");
+
+    // SAFETY: SIGKILL by pid to the agent this test started (not reaped yet: the pid is it).
+    unsafe { libc::kill(agent, libc::SIGKILL) };
+    let killed_at = Instant::now();
+    reap(agent);
+    started.agent = None;
+    let root_gone = exits_within(&pidfd, Duration::from_secs(3));
+    let root_after = killed_at.elapsed();
+    let child_gone = exits_within(&child_pidfd, Duration::from_secs(3).saturating_sub(root_after));
+    let after = killed_at.elapsed();
+    let (s, c) = (read_status(&status), read_status(&child_status));
+    assert!(root_gone, "the restored process {restored} still runs {root_after:?} after its agent died: {s:?}");
+    assert!(child_gone, "the forked child {child} still runs {after:?} after the agent died: {c:?}");
+    eprintln!(
+        "restored process gone {:.1} ms, forked child gone {:.1} ms after the agent was killed; parent {s:?}, child {c:?}",
+        root_after.as_secs_f64() * 1e3,
+        after.as_secs_f64() * 1e3
+    );
+    for (pid, what) in [(restored, "restored process"), (child, "forked child")] {
+        let wait_status = reap(pid);
+        if pid == restored {
+            started.restored = None;
+        } else {
+            started.child = None;
+        }
+        assert!(
+            libc::WIFSIGNALED(wait_status) && libc::WTERMSIG(wait_status) == libc::SIGKILL,
+            "the {what} ended with wait status {wait_status:#x}, not SIGKILL"
+        );
+    }
+    assert_eq!(num(&s, "errors"), 0, "the parent read wrong memory: {s:?}");
+    assert_eq!(num(&c, "errors"), 0, "the child read wrong memory: {c:?}");
+    assert!(num(&c, "checked") > 0 && c.get("phase").is_some_and(|p| p == "child-running"), "{c:?}");
+    let guard_status = reap(guard);
+    started.guard = None;
+    assert!(
+        libc::WIFEXITED(guard_status) && libc::WEXITSTATUS(guard_status) == 1,
+        "guard wait status {guard_status:#x} (exit 1: it killed the processes)"
+    );
+    assert!(guards_of(std::process::id() as i32).is_empty());
+}
+
 /// The agent (a copy of this test binary) restores a memcheck lazily and is SIGKILLed while
 /// pages are still pending: its guard kills the restored process within moments, and memcheck,
 /// which verifies every page it reads, never saw a wrong one.
@@ -155,31 +338,8 @@ fn agent_death_kills_the_restored_process() {
     become_subreaper();
     let status = status_file("agent");
     let mut started = Started::default();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "agent_death_kills_the_restored_process", "--nocapture"])
-        .env(AGENT_ENV, &status)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting the agent");
-    let agent = child.id() as i32;
-    started.agent = Some(agent);
-    let stdout = child.stdout.take().unwrap();
-    std::mem::forget(child); // reaped here, by pid
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix(AGENT_LINE) {
-                let _ = tx.send(rest.to_owned());
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(120)).expect("the agent's restore");
-    let field = |key: &str| -> i64 {
-        line.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-    };
+    let field = start_agent("agent_death_kills_the_restored_process", &[(AGENT_ENV, status.as_os_str())], &mut started);
+    let agent = started.agent.unwrap();
     let restored = field("pid") as i32;
     started.restored = Some(restored);
     let pending = field("pending");
@@ -222,7 +382,7 @@ fn agent_death_kills_the_restored_process() {
 /// zombie left), and the restored process runs on.
 #[test]
 fn homing_releases_the_guard() {
-    if std::env::var_os(AGENT_ENV).is_some() {
+    if std::env::var_os(AGENT_ENV).is_some() || std::env::var_os(FORK_AGENT_ENV).is_some() {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

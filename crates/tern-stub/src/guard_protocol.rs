@@ -12,8 +12,11 @@
 //! ```
 //!
 //! The guard writes [`ARMED`] on the channel once it holds and watches all of them; the engine
-//! writes [`RELEASE`] when the guard is no longer needed. End of file on the channel without
-//! [`RELEASE`] (the engine closed it or died) or the engine's exit: the guard kills the process.
+//! writes [`HOLD`] with one fd attached (SCM_RIGHTS) for every child the process forks while its
+//! memory is lazy (that child's userfaultfd: the guard holds at most [`MAX_HELD`] of them), and
+//! [`RELEASE`] when the guard is no longer needed. End of file on the channel without
+//! [`RELEASE`] (the engine closed it or died) or the engine's exit: the guard kills the process
+//! and every descendant of it.
 
 /// Its end of the socketpair with the engine.
 pub const CHANNEL_FD: i32 = 0;
@@ -26,13 +29,20 @@ pub const PROCESS_FD: i32 = 5;
 
 /// Guard → engine: everything is held and watched.
 pub const ARMED: u8 = b'A';
+/// Engine → guard, with one fd in an SCM_RIGHTS message: the userfaultfd of a child the process
+/// forked (UFFD_EVENT_FORK); hold it like the root one.
+pub const HOLD: u8 = b'F';
+/// How many forked children's userfaultfds the guard holds at most; it closes any beyond (and
+/// the engine counts those as unguarded).
+pub const MAX_HELD: usize = 256;
 /// Engine → guard: every page is home and the ranges are unregistered; exit, kill nothing.
 pub const RELEASE: u8 = b'R';
 
-/// Exit status: released, or the process exited by itself.
+/// Exit status: released, or the process exited by itself (holding no forked child's
+/// userfaultfd).
 pub const EXIT_DONE: i32 = 0;
-/// Exit status: the engine went away first; the guard killed the process (and waited for its
-/// exit).
+/// Exit status: the engine went away first; the guard killed the process and its descendants
+/// (and waited for their exit).
 pub const EXIT_KILLED: i32 = 1;
 /// Exit status: one of its fds was missing at start (it never reported armed).
 pub const EXIT_BAD_FDS: i32 = 2;

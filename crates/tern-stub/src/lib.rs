@@ -10,8 +10,9 @@
 //! [`protocol`] is the conversation between engine and stub (see its header).
 //!
 //! The guard is `src/guard/main.rs`, built and started the same way ([`GUARD_ELF`]): while a
-//! restored process's memory is still lazy it holds a dup of its userfaultfd and kills the process
-//! if the engine dies (see [`guard_protocol`], and tern-core's restore/guard.rs). Both programs
+//! restored process's memory is still lazy it holds a dup of its userfaultfd (and of every forked
+//! child's) and kills the process and its descendants if the engine dies (see [`guard_protocol`],
+//! and tern-core's restore/guard.rs). Both programs
 //! share their runtime (`src/rt.rs`: `_start`, raw syscalls, panic handler, mem* functions).
 #![no_std]
 

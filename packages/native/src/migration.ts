@@ -174,6 +174,8 @@ export interface LazyStats {
   droppedPages: number;
   pendingPages: number;
   eventsFork: number;
+  /** Forked children whose userfaultfd the guard could not take: they read zeros if the engine dies before their memory is home. 0 normally. */
+  forksUnguarded: number;
   eventsRemap: number;
   eventsRemove: number;
   eventsUnmap: number;

@@ -9,12 +9,16 @@
 //! a missing page is an ordinary anonymous page: it reads as zeros. The migrated process would run
 //! on, silently corrupted. The guard holds a second fd of the same context, so it is not released:
 //! faults on missing pages wait. Then the guard kills the process, waits until it has exited, and
-//! only then exits itself (closing the last fd).
+//! only then exits itself (closing the last fd). The same holds for every child the process forks
+//! while its memory is lazy: each has a context of its own (UFFD_EVENT_FORK, lazy.rs), and the
+//! lazy thread hands the guard an fd of it ([`Guard::hold`]) before it serves that child; so the
+//! guard kills the process's descendants too (a lazy child left alive would wait forever on a
+//! missing page, or read zeros once the guard lets go).
 //!
 //! # The mechanism
 //!
 //! ```text
-//!  engine (restore thread, process stopped)        guard (tern_stub::GUARD_ELF, ~1.7 KiB)
+//!  engine (restore thread, process stopped)        guard (tern_stub::GUARD_ELF, ~6 KiB)
 //!  ----------------------------------------        -------------------------------------------
 //!  userfaultfd stolen from the process (lazy.rs)
 //!  pidfd_open(engine), pidfd_open(process),
@@ -22,19 +26,36 @@
 //!  clone3(CLONE_VM|CLONE_VFORK|CLONE_PIDFD) on a    fds placed by the vfork child: 0 channel,
 //!   small stack + execveat(memfd, AT_EMPTY_PATH)     3 uffd, 4 engine pidfd, 5 process pidfd;
 //!   (stub.rs spawn_program: no fork of the           every signal blocked (only SIGKILL stops it)
-//!   engine's page tables)                          prctl(PR_SET_NAME "tern-guard"); setsid()
+//!   engine's page tables)                          prctl(PR_SET_NAME "tern-guard"); setsid();
+//!                                                   the process's pid (fdinfo of its pidfd)
 //!  poll(channel, guard pidfd), ≤ 2 s    <-- 'A' --  write(0, 'A'): armed
-//!  register ranges, start the lazy thread          poll(process pidfd, channel, engine pidfd):
-//!  ... detach: the process runs (commit point)       process exited        -> exit 0
-//!                                                    'R' on the channel    -> exit 0
-//!  lazy thread, Homed: unregister every range,       EOF on the channel,
-//!   close every uffd, then release:  -- 'R' -->       or the engine exited -> pidfd_send_signal(
-//!   send 'R', close, wait ≤ 1 s, reap                                         process, SIGKILL),
-//!  Exited: release (the process is gone)                                      wait for its exit,
-//!  Failed, or the Server dropped (a panic): close                             exit 1
-//!   the channel without 'R': the guard kills the
-//!   process and exits only once it is dead
+//!  register ranges, start the lazy thread          poll(channel, engine pidfd, process pidfd;
+//!  ... detach: the process runs (commit point)           every 200 ms while it holds a child's uffd):
+//!  lazy thread, UFFD_EVENT_FORK: before serving      'F' + fd (recvmsg)    -> hold it (≤ 256)
+//!   the child, sendmsg 'F' + SCM_RIGHTS(child's      timeout               -> scan /proc for
+//!   uffd), non-blocking (≤ 100 ms)   -- 'F' -->                               descendants (pidfds)
+//!                                                    process exited        -> exit 0, or guard on
+//!                                                                             if it holds a child's
+//!  lazy thread, Homed: unregister every range,       'R' on the channel    -> exit 0
+//!   close every uffd, then release:  -- 'R' -->      EOF on the channel,
+//!   send 'R', close, wait ≤ 1 s, reap                 or the engine exited -> scan /proc, SIGKILL
+//!  Exited: release (every served process gone)                                the process and every
+//!  Failed, or the Server dropped (a panic): close                             descendant (pidfds),
+//!   the channel without 'R': the guard kills the                              again until no new one,
+//!   process and its descendants and exits only                                wait for all to exit,
+//!   once they are dead                                                        exit 1
 //! ```
+//!
+//! Descendants: the guard reads every process's parent in /proc/PID/stat (this kernel has no
+//! /proc/PID/task/TID/children, CONFIG_PROC_CHILDREN) and takes those whose parent is the process
+//! or a descendant already taken, each by a pidfd: after pidfd_open it checks (fdinfo `Pid:`) that
+//! neither the pid nor the parent's was reused meanwhile, so it only ever signals a process
+//! descended from the restored one. It scans every 200 ms while it holds a child's userfaultfd
+//! (a descendant whose parent exits is reparented out of the tree; its pidfd keeps it known), and
+//! when the engine is gone: scan, kill, scan again until no new one (at most 16 rounds), then
+//! wait for every one killed to exit. A process whose context the guard holds cannot fork once
+//! the engine is gone (its fork waits for the engine to read the fork event), so the rounds only
+//! chase descendants without lazy memory (one that exec'd).
 //!
 //! The restore waits for "armed" before it goes on, and fails (before the commit point: the source
 //! resumes) if the guard cannot be started or does not report within [`ARM_TIMEOUT`]. End of file
@@ -45,13 +66,23 @@
 //! reaped by [`Guard::release`] or [`Drop`] with waitid(P_PIDFD); if a restore thread's
 //! waitpid(-1) collected it first (it exited during the restore), waitid says ECHILD and nothing
 //! is left to reap. It never needs the engine's memory: starting it costs a clone + exec of a
-//! static 1.7 KiB program (see [`Guard::armed_in`]).
+//! static ~6 KiB program (see [`Guard::armed_in`]).
 //!
 //! # Limits
 //!
-//! - It guards the restored process only. A child the process forks while its memory is lazy
-//!   gets its own userfaultfd (UFFD_EVENT_FORK), held by the engine alone: if the engine dies
-//!   before that child's memory is home, the child reads zeros for its missing pages.
+//! - A forked child's context is held from the moment [`Guard::hold`] returns; if the engine
+//!   dies between reading the fork event and that send (microseconds), the child may read zeros
+//!   until the guard's kill reaches it (milliseconds). The guard holds at most 256 children's
+//!   userfaultfds (`guard_protocol::MAX_HELD`, the engine counts any beyond in
+//!   `LazyStats::forks_unguarded`) and keeps pidfds of at most 256 live descendants; those
+//!   beyond are not protected. It never closes a held userfaultfd before it exits (a child that
+//!   exited leaves a small unused context until then).
+//! - Descendants are found through /proc (the engine's view of it): without /proc only the
+//!   process itself is killed. A descendant whose parent exits within a scan interval (200 ms)
+//!   of its birth, before the engine dies, is reparented out of the tree unseen: it is not
+//!   killed, and if its memory is lazy it reads zeros once the guard exits. One without lazy
+//!   memory may fork between the last scan and the kill: that child escapes (harmless: it has
+//!   no lazy memory either).
 //! - After the engine's death the process is killed, not kept: nobody could fill its memory any
 //!   more (post-copy: the pages still on the source are lost with it — see DESIGN.md).
 //! - Only SIGKILL stops the guard; SIGKILLing it while the engine is also gone releases the
@@ -65,12 +96,15 @@ use crate::sys::{Errno, Pid};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tern_stub::guard_protocol::{ARMED, CHANNEL_FD, ENGINE_FD, PROCESS_FD, RELEASE, UFFD_FD};
+use tern_stub::guard_protocol::{ARMED, CHANNEL_FD, ENGINE_FD, HOLD, MAX_HELD, PROCESS_FD, RELEASE, UFFD_FD};
 
 /// How long the restore waits for the guard to report armed.
 pub(crate) const ARM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long releasing (or dropping) a guard waits for it to exit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long handing a forked child's userfaultfd to the guard may wait for room on the channel
+/// (one byte and one fd; the guard reads at once, so it never waits in practice).
+const HOLD_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Starting and arming the guard failed (the lazy restore fails with it).
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +135,8 @@ pub(crate) struct Guard {
     /// The engine's end of the channel (None once released or abandoned).
     channel: Option<OwnedFd>,
     armed_in: Duration,
+    /// Forked children's userfaultfds handed over ([`Guard::hold`]).
+    held: usize,
 }
 
 fn owned(fd: RawFd) -> OwnedFd {
@@ -196,7 +232,8 @@ impl Guard {
             }
             return Err(GuardError::Spawn { errno: Errno(libc::EBADF) });
         };
-        let mut guard = Guard { restored, pid: spawned.pid, pidfd, channel: Some(channel), armed_in: Duration::ZERO };
+        let mut guard =
+            Guard { restored, pid: spawned.pid, pidfd, channel: Some(channel), armed_in: Duration::ZERO, held: 0 };
         match guard.wait_armed(timeout) {
             Ok(()) => {
                 guard.armed_in = started.elapsed();
@@ -262,6 +299,67 @@ impl Guard {
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn armed_in(&self) -> Duration {
         self.armed_in
+    }
+
+    /// Hands the guard the userfaultfd of a child the process forked ([`HOLD`] with the fd in an
+    /// SCM_RIGHTS message; the guard gets its own dup): from the moment this returns Ok, that
+    /// child's faults wait if the engine dies, and the guard kills it with the process. Never
+    /// waits more than [`HOLD_TIMEOUT`]. Err: the guard holds the maximum already (ENOSPC), is
+    /// gone (EPIPE, ECONNRESET) or the channel stayed full (EAGAIN): that child is not guarded.
+    pub(crate) fn hold(&mut self, uffd: BorrowedFd<'_>) -> Result<(), Errno> {
+        let Some(channel) = &self.channel else {
+            return Err(Errno(libc::EPIPE));
+        };
+        if self.held >= MAX_HELD {
+            return Err(Errno(libc::ENOSPC));
+        }
+        let mut byte = [HOLD];
+        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+        // Room for one cmsghdr and one fd, aligned for cmsghdr.
+        let mut control = [0u64; 4];
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+        debug_assert!(space <= std::mem::size_of_val(&control));
+        // SAFETY: msghdr is plain data; zeroed is valid, the fields that matter are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: `msg` points at `control` (`space` bytes, aligned), so CMSG_FIRSTHDR is that
+        // buffer's start and the header and one fd fit; the writes stay inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), uffd.as_raw_fd());
+        }
+        let deadline = Instant::now() + HOLD_TIMEOUT;
+        loop {
+            // SAFETY: sendmsg of `msg`, whose pointers (iov, byte, control) are live locals.
+            // MSG_NOSIGNAL: a guard that is gone makes this EPIPE, not SIGPIPE; MSG_DONTWAIT: a
+            // full channel is waited for below, boundedly.
+            let n = unsafe { libc::sendmsg(channel.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+            match Errno::result(n) {
+                Ok(1) => {
+                    self.held += 1;
+                    return Ok(());
+                }
+                Ok(_) => return Err(Errno(libc::EIO)),
+                Err(Errno(libc::EINTR)) => continue,
+                Err(Errno(libc::EAGAIN)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Errno(libc::EAGAIN));
+                    }
+                    let mut pfd = libc::pollfd { fd: channel.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                    // SAFETY: poll on one live pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, i32::try_from(left.as_millis()).unwrap_or(i32::MAX).max(1)) };
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The guard is no longer needed: every page is home and every range unregistered (or the

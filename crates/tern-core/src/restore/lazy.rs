@@ -21,8 +21,10 @@
 //!          rseq registration writes into lazy memory)                      from pending forever
 //!  eager   every other VMA written as before                      REMAP   move pending + regs
 //!  ...     task, threads, registers, detach: it runs              FORK    a new space: the
-//!                                                                          child's uffd, a copy
-//!                                                                          of the pending map
+//!                                                                          child's uffd (a dup
+//!                                                                          sent to the guard
+//!                                                                          first), a copy of
+//!                                                                          the pending map
 //!                                                          one background chunk (1 MiB) of the
 //!                                                          next pending run, UFFDIO_COPY (once
 //!                                                          released, see below)
@@ -82,11 +84,14 @@
 //! on, silently corrupted. So before the process runs, the restore starts a guard process
 //! (guard.rs) that holds its own dup of the root userfaultfd (faults then wait instead)
 //! and watches the engine: if the engine dies while pages are pending, the guard kills the process
-//! and lets the context go only once it has exited. The lazy thread releases the guard when every
-//! range is unregistered and every uffd closed (Homed), or when the process has exited; on
-//! Failed, or if the thread's Server is dropped (a panic), the guard is closed unreleased and
-//! kills the process. Known limit: a child the process forks before its memory is home has its
-//! own uffd (FORK above), which the guard does not hold: that child is not protected.
+//! and lets the context go only once it has exited. A child the process forks before its memory
+//! is home has its own uffd (FORK above): the thread hands the guard a dup of it
+//! ([`super::guard::Guard::hold`]) before it serves anything of that child, and the guard kills
+//! the process's descendants with it (failures to hand over, e.g. beyond the guard's 256, are
+//! counted in [`LazyStats::forks_unguarded`]; see guard.rs Limits). The lazy thread releases the
+//! guard when every range is unregistered and every uffd closed (Homed), or when every served
+//! process has exited; on Failed, or if the thread's Server is dropped (a panic), the guard is
+//! closed unreleased and kills the process and its descendants.
 //!
 //! # The background fill waits for the switchover to end
 //!
@@ -113,7 +118,7 @@ use crate::uapi::{
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -568,6 +573,10 @@ pub struct LazyStats {
     /// Data pages still to fill (all spaces).
     pub pending_pages: u64,
     pub events_fork: u64,
+    /// Forked children whose userfaultfd could not be handed to the guard (it is gone, or holds
+    /// its maximum, `tern_stub::guard_protocol::MAX_HELD`): they read zeros if the engine dies
+    /// before their memory is home. 0 normally.
+    pub forks_unguarded: u64,
     pub events_remap: u64,
     pub events_remove: u64,
     pub events_unmap: u64,
@@ -848,6 +857,7 @@ pub(crate) fn start(
                 dropped_pages: 0,
                 pending_pages: pending.pages(),
                 events_fork: 0,
+                forks_unguarded: 0,
                 events_remap: 0,
                 events_remove: 0,
                 events_unmap: 0,
@@ -912,6 +922,7 @@ struct Counters {
     background_pages: u64,
     dropped_pages: u64,
     fork: u64,
+    forks_unguarded: u64,
     remap: u64,
     remove: u64,
     unmap: u64,
@@ -998,6 +1009,7 @@ impl Server {
         s.background_pages = c.background_pages;
         s.dropped_pages = c.dropped_pages;
         s.events_fork = c.fork;
+        s.forks_unguarded = c.forks_unguarded;
         s.events_remap = c.remap;
         s.events_remove = c.remove;
         s.events_unmap = c.unmap;
@@ -1184,6 +1196,13 @@ impl Server {
                         // SAFETY: the kernel installed this fd in our table while the message
                         // was read; nobody else knows it, so this is its only owner.
                         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+                        // The guard gets its own fd of the child's context before anything of
+                        // the child is served: from then on the child, like the process, never
+                        // reads a zero for a missing page if the engine dies (it is killed).
+                        let handed = self.guard.as_mut().map(|g| g.hold(fd.as_fd()));
+                        if !matches!(handed, Some(Ok(()))) {
+                            self.counters.forks_unguarded += 1;
+                        }
                         let parent = &self.spaces[i];
                         new_spaces.push(Space {
                             uffd: Uffd::new(fd),

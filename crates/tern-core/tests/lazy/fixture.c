@@ -6,7 +6,11 @@
 //            again -> zeros; mremap 64 pages of the 6th eighth elsewhere -> their data moved.
 //   fork:    MADV_DONTNEED the last eighth, fork; the child checks the whole region (zeros in
 //            the discarded part), writes STATUS.child; the parent checks too.
-// Status (one line, key=value): phase, errors, lasterror, pid, region, child_errors, child_done.
+//   forkslow: fork at once (nothing discarded); parent and child each check the region slowly,
+//            a page every 500 µs, over and over, forever (so most of it stays lazy for a while),
+//            writing STATUS (phase=parent-running) and STATUS.child (phase=child-running) every
+//            64 pages and at once on a wrong page. Never reaches TRIGGER.2.
+// Status (one line, key=value): phase, errors, lasterror, pid, region, pages, checked.
 // Usage: fixture STATUS TRIGGER MIB MODE
 #define _GNU_SOURCE
 #include <errno.h>
@@ -26,6 +30,7 @@ static long errors;
 static char lasterror[128] = "none";
 static const char *phase = "start";
 static char *moved;
+static long checked;
 
 static uint64_t word(size_t page, size_t j) { return (page * 0x9E3779B97F4A7C15ull) ^ (j * 0x100000001b3ull) ^ 0x5a5a; }
 
@@ -55,7 +60,7 @@ static void status(const char *path) {
 	snprintf(tmp, sizeof tmp, "%s.tmp", path);
 	FILE *f = fopen(tmp, "w");
 	if (!f) return;
-	fprintf(f, "pid=%d phase=%s errors=%ld lasterror=%s region=%p pages=%zu\n", getpid(), phase, errors, lasterror, region, pages);
+	fprintf(f, "pid=%d phase=%s errors=%ld lasterror=%s region=%p pages=%zu checked=%ld\n", getpid(), phase, errors, lasterror, region, pages, checked);
 	fclose(f);
 	rename(tmp, path);
 }
@@ -83,12 +88,25 @@ static void verify(int mode) {
 		for (size_t k = 0; k < 64; k++) check_pattern(moved + k * PG, pages / 8 * 5 + k);
 }
 
+// forkslow: check page after page, slowly, forever; report every 64 pages and on a wrong one.
+static void check_slowly(const char *path) {
+	for (;;)
+		for (size_t p = 0; p < pages; p++) {
+			long before = errors;
+			check_pattern(region + p * PG, p);
+			checked++;
+			if (errors != before || checked % 64 == 0) status(path);
+			usleep(500);
+		}
+}
+
 int main(int argc, char **argv) {
 	if (argc < 5) return 2;
 	status_path = argv[1];
 	const char *trigger = argv[2];
 	pages = (size_t)atol(argv[3]) * 256;
 	int mode = strcmp(argv[4], "fork") == 0 ? 1 : 0;
+	int slow = strcmp(argv[4], "forkslow") == 0;
 	region = mmap(NULL, pages * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (region == MAP_FAILED) return 2;
 	for (size_t p = 0; p < pages; p++) fill(p);
@@ -96,6 +114,14 @@ int main(int argc, char **argv) {
 	status(status_path);
 	wait_file(trigger);
 	// Restored (the test creates the trigger after the restore): change the memory at once.
+	if (slow) {
+		pid_t child = fork();
+		if (child < 0) error("fork", 0);
+		char path[4096];
+		snprintf(path, sizeof path, "%s.child", status_path);
+		phase = child == 0 ? "child-running" : "parent-running";
+		check_slowly(child == 0 ? path : status_path);
+	}
 	size_t e = pages / 8;
 	if (madvise(region + 7 * e * PG, e * PG, MADV_DONTNEED)) error("madvise", 0);
 	if (mode == 0) {
