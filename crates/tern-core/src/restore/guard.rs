@@ -90,7 +90,7 @@
 //!   so a signal to that group does not reach it; a cgroup-wide kill (systemd stopping the
 //!   agent's unit) reaches the restored process as well, which then dies with it.
 
-use super::stub::{program_memfd, spawn_program};
+use super::stub::{program_memfd, send, spawn_program};
 use crate::pidfd::{PidFd, PidFdError};
 use crate::sys::{Errno, Pid};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -131,7 +131,7 @@ pub enum GuardError {
 pub(crate) struct Guard {
     restored: Pid,
     pid: Pid,
-    pidfd: OwnedFd,
+    pidfd: PidFd,
     /// The engine's end of the channel (None once released or abandoned).
     channel: Option<OwnedFd>,
     armed_in: Duration,
@@ -142,52 +142,6 @@ pub(crate) struct Guard {
 fn owned(fd: RawFd) -> OwnedFd {
     // SAFETY: `fd` was just returned by the kernel and nobody else owns it.
     unsafe { OwnedFd::from_raw_fd(fd) }
-}
-
-/// poll() on one fd for POLLIN, at most `timeout` (None: no limit; EINTR retried): whether it
-/// is readable.
-fn readable(fd: RawFd, timeout: Option<Duration>) -> Result<bool, Errno> {
-    let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let ms = match deadline {
-            Some(d) => i32::try_from(d.saturating_duration_since(Instant::now()).as_millis()).unwrap_or(i32::MAX),
-            None => -1,
-        };
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll on one live pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        match Errno::result(r) {
-            Ok(0) => return Ok(false),
-            Ok(_) => return Ok(true),
-            Err(Errno(libc::EINTR)) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Reaps the child `pidfd` names (waiting for its exit): how it ended, None when someone else
-/// reaped it.
-fn reap_pidfd(pidfd: RawFd) -> Option<String> {
-    loop {
-        // SAFETY: siginfo_t is plain data the kernel fills; zeroed is a valid initial value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // P_PIDFD: the pidfd names exactly this child, whatever happens to its pid.
-        // SAFETY: `info` is a live siginfo_t the kernel writes into.
-        let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd as libc::id_t, &mut info, libc::WEXITED | libc::__WALL) };
-        match Errno::result(r) {
-            Ok(_) => {
-                // SAFETY: waitid filled `info` for an exited child (si_code CLD_*).
-                let status = unsafe { info.si_status() };
-                return Some(match info.si_code {
-                    libc::CLD_EXITED => format!("exit status {status}"),
-                    _ => format!("killed by signal {status}"),
-                });
-            }
-            Err(Errno(libc::EINTR)) => continue,
-            // ECHILD: a waitpid(-1) of the restore thread collected it (see the header).
-            Err(_) => return None,
-        }
-    }
 }
 
 impl Guard {
@@ -232,6 +186,7 @@ impl Guard {
             }
             return Err(GuardError::Spawn { errno: Errno(libc::EBADF) });
         };
+        let pidfd = PidFd::from_owned(spawned.pid, pidfd);
         let mut guard =
             Guard { restored, pid: spawned.pid, pidfd, channel: Some(channel), armed_in: Duration::ZERO, held: 0 };
         match guard.wait_armed(timeout) {
@@ -313,35 +268,11 @@ impl Guard {
         if self.held >= MAX_HELD {
             return Err(Errno(libc::ENOSPC));
         }
-        let mut byte = [HOLD];
-        let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-        // Room for one cmsghdr and one fd, aligned for cmsghdr.
-        let mut control = [0u64; 4];
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-        debug_assert!(space <= std::mem::size_of_val(&control));
-        // SAFETY: msghdr is plain data; zeroed is valid, the fields that matter are set below.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space;
-        // SAFETY: `msg` points at `control` (`space` bytes, aligned), so CMSG_FIRSTHDR is that
-        // buffer's start and the header and one fd fit; the writes stay inside it.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), uffd.as_raw_fd());
-        }
         let deadline = Instant::now() + HOLD_TIMEOUT;
         loop {
-            // SAFETY: sendmsg of `msg`, whose pointers (iov, byte, control) are live locals.
             // MSG_NOSIGNAL: a guard that is gone makes this EPIPE, not SIGPIPE; MSG_DONTWAIT: a
             // full channel is waited for below, boundedly.
-            let n = unsafe { libc::sendmsg(channel.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
-            match Errno::result(n) {
+            match send(channel, &[HOLD], &[uffd.as_raw_fd()], libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) {
                 Ok(1) => {
                     self.held += 1;
                     return Ok(());
@@ -373,24 +304,22 @@ impl Guard {
             // closing the channel below says the same or more.
             let _ = unsafe { libc::send(channel.as_raw_fd(), byte.as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
         }
-        if !matches!(readable(self.pidfd.as_raw_fd(), Some(EXIT_TIMEOUT)), Ok(true)) {
+        if !matches!(self.pidfd.wait_exited(Some(EXIT_TIMEOUT)), Ok(true)) {
             self.kill();
         }
         let _ = self.reap();
     }
 
-    /// SIGKILL to the guard (by its pidfd: it names only this child).
+    /// SIGKILL to the guard (by its pidfd: it names only this child; an error means it has
+    /// exited already).
     fn kill(&self) {
-        // SAFETY: pidfd_send_signal with our own pidfd of the guard, no siginfo; an error means
-        // it has exited already.
-        let _ = unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0)
-        };
+        let _ = self.pidfd.send_signal(libc::SIGKILL);
     }
 
-    /// Reaps the guard (waiting for its exit).
+    /// Reaps the guard (waiting for its exit): how it ended, None if a `waitpid(-1)` of the
+    /// restore thread collected it first (see the header).
     fn reap(&self) -> Option<String> {
-        reap_pidfd(self.pidfd.as_raw_fd())
+        self.pidfd.reap().map(|exit| exit.to_string())
     }
 }
 
@@ -404,7 +333,7 @@ impl Drop for Guard {
             return;
         };
         drop(channel);
-        if matches!(readable(self.pidfd.as_raw_fd(), Some(EXIT_TIMEOUT)), Ok(true)) {
+        if matches!(self.pidfd.wait_exited(Some(EXIT_TIMEOUT)), Ok(true)) {
             let _ = self.reap();
             return;
         }
@@ -412,8 +341,8 @@ impl Drop for Guard {
         // engine's process ends: harmless.
         if let Ok(pidfd) = self.pidfd.try_clone() {
             let _ = std::thread::Builder::new().name(format!("tern-guard-{}", self.pid)).spawn(move || {
-                if matches!(readable(pidfd.as_raw_fd(), None), Ok(true)) {
-                    let _ = reap_pidfd(pidfd.as_raw_fd());
+                if matches!(pidfd.wait_exited(None), Ok(true)) {
+                    let _ = pidfd.reap();
                 }
             });
         }
@@ -500,7 +429,7 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(
-            readable(guard.pidfd.as_raw_fd(), Some(Duration::from_secs(2))).unwrap(),
+            guard.pidfd.wait_exited(Some(Duration::from_secs(2))).unwrap(),
             "the guard outlived the process"
         );
         guard.release();

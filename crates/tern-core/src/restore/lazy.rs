@@ -1063,11 +1063,7 @@ impl Server {
                 if let Err(e) = self.source.confirm_home() {
                     // The wait may have been long: a process that exited meanwhile is not
                     // signalled (its pid may be reused by now).
-                    let gone = self.pidfd.as_ref().is_some_and(|p| {
-                        let mut fd = libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-                        // SAFETY: one live pollfd, timeout 0.
-                        unsafe { libc::poll(&mut fd, 1, 0) > 0 }
-                    });
+                    let gone = self.pidfd.as_ref().is_some_and(|p| matches!(p.wait_exited(Some(Duration::ZERO)), Ok(true)));
                     if gone {
                         self.pidfd = None;
                     }

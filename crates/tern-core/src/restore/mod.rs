@@ -420,20 +420,9 @@ pub fn reap_when_exited(pid: Pid) {
         v.push(pid.as_raw());
     }
     let spawned = std::thread::Builder::new().name(format!("tern-reap-{pid}")).spawn(move || {
-        use std::os::fd::AsRawFd;
-        let mut poll = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        loop {
-            // SAFETY: one valid pollfd, count 1, no timeout.
-            let r = unsafe { libc::poll(&mut poll, 1, -1) };
-            if r == 1 || (r < 0 && Errno::last().0 != libc::EINTR) {
-                break;
-            }
-        }
-        // SAFETY: siginfo_t is plain data the kernel fills; zeroed is a valid initial value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // P_PIDFD (3): the pidfd names exactly this process, whatever happens to the pid.
-        // SAFETY: `info` is a live siginfo_t the kernel writes into.
-        let _ = unsafe { libc::waitid(3, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::__WALL) };
+        // Only an error of poll itself ends the wait early; the reap then waits anyway.
+        let _ = pidfd.wait_exited(None);
+        let _ = pidfd.reap();
         if let Ok(mut v) = RESTORED_CHILDREN.lock() {
             v.retain(|p| *p != pid.as_raw());
         }

@@ -419,7 +419,10 @@ pub(crate) fn clone_stub(pid: i32) -> Result<Started, RestoreError> {
     })
 }
 
-fn send(control: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), Errno> {
+/// One sendmsg of `bytes` on the unix socket `control`, with `fds` (at most [`MAX_BATCH`]) in an
+/// SCM_RIGHTS message when there are any: the bytes sent. Used for the stub's plan and fds and for
+/// handing a forked child's userfaultfd to the guard (guard.rs).
+pub(super) fn send(control: &OwnedFd, bytes: &[u8], fds: &[RawFd], flags: libc::c_int) -> Result<usize, Errno> {
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr().cast_mut().cast(),
         iov_len: bytes.len(),
@@ -444,8 +447,8 @@ fn send(control: &OwnedFd, bytes: &[u8], fds: &[RawFd]) -> Result<(), Errno> {
         }
     }
     // SAFETY: msg points at valid iovec/control buffers for the call.
-    let n = unsafe { libc::sendmsg(control.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    Errno::result(n).map(drop)
+    let n = unsafe { libc::sendmsg(control.as_raw_fd(), &msg, flags) };
+    Errno::result(n).map(|n| n as usize)
 }
 
 /// Sends the plan and every fd, then waits for the stub's reply.
@@ -460,7 +463,7 @@ pub(crate) fn hand_over(
         step: format!("stub handover: {what}"),
         detail: errno.to_string(),
     };
-    send(control, plan.as_bytes(), &[]).map_err(|e| fail("sending the plan", e))?;
+    send(control, plan.as_bytes(), &[], libc::MSG_NOSIGNAL).map_err(|e| fail("sending the plan", e))?;
     for chunk in fds.chunks(MAX_BATCH) {
         let mut msg = FdBatch {
             magic: MAGIC,
@@ -478,11 +481,11 @@ pub(crate) fn hand_over(
             );
         }
         let raw: Vec<RawFd> = chunk.iter().map(|f| f.fd.as_raw_fd()).collect();
-        send(control, &msg, &raw).map_err(|e| fail("sending fds", e))?;
+        send(control, &msg, &raw, libc::MSG_NOSIGNAL).map_err(|e| fail("sending fds", e))?;
     }
     let encoded = crate::files::encode_fixups(fixups);
     for chunk in encoded.chunks(FIXUP_RECORD_LEN * MAX_FIXUPS_PER_MSG) {
-        send(control, chunk, &[]).map_err(|e| fail("sending fixups", e))?;
+        send(control, chunk, &[], libc::MSG_NOSIGNAL).map_err(|e| fail("sending fixups", e))?;
     }
     let mut pfd = libc::pollfd {
         fd: control.as_raw_fd(),
