@@ -111,6 +111,20 @@ impl Gate {
     }
 }
 
+/// A connection's place in [`Gate::open_connections`], freed when its thread ends, also by a
+/// panic in `serve` (a slot left behind would count as open forever and take a connection of
+/// `max_connections`).
+struct Slot<S: Serve> {
+    sh: Arc<S>,
+    id: u64,
+}
+
+impl<S: Serve> Drop for Slot<S> {
+    fn drop(&mut self) {
+        lock(&self.sh.gate().conns).socks.remove(&self.id);
+    }
+}
+
 /// A server behind an [`Acceptor`].
 pub(super) trait Serve: Send + Sync + 'static {
     const ACCEPT_THREAD: &'static str;
@@ -223,8 +237,8 @@ fn accept_loop<S: Serve>(sh: Arc<S>, listener: TcpListener, wake: RawFd) {
         c.socks.insert(id, clone);
         let sh2 = sh.clone();
         let spawned = std::thread::Builder::new().name(S::CONN_THREAD.into()).spawn(move || {
-            sh2.serve(sock, peer);
-            lock(&sh2.gate().conns).socks.remove(&id);
+            let slot = Slot { sh: sh2, id };
+            slot.sh.serve(sock, peer);
         });
         match spawned {
             Ok(h) => c.threads.push(h),

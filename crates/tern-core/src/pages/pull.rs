@@ -222,13 +222,6 @@ struct SrcCounters {
     refused: AtomicU64,
 }
 
-/// Open pull connections and when the last one closed (for [`SourceServeStats::idle_ms`]).
-#[derive(Debug)]
-struct ConnClock {
-    open: u64,
-    last_closed: Instant,
-}
-
 #[derive(Debug)]
 struct SrcShared {
     gate: Gate,
@@ -238,31 +231,18 @@ struct SrcShared {
     n: SrcCounters,
     /// A HOMED was received and answered OK (never reset).
     homed: AtomicBool,
-    clock: Mutex<ConnClock>,
+    /// When the last connection whose hello was accepted closed (or the server started): with
+    /// none open ([`Gate::open_connections`]) the start of [`SourceServeStats::idle_ms`].
+    last_closed: Mutex<Instant>,
 }
 
-/// One connection being served, counted open in [`SrcShared::clock`] until dropped (also when
-/// its thread panics).
-struct OpenConn<'a> {
-    sh: &'a SrcShared,
-    /// Its hello was accepted: its close moves the idle clock.
-    accepted: bool,
-}
+/// A connection whose hello was accepted: its close (also by a panic) restarts the idle clock.
+/// Refused strangers do not move it.
+struct AcceptedConn<'a>(&'a SrcShared);
 
-impl<'a> OpenConn<'a> {
-    fn new(sh: &'a SrcShared) -> OpenConn<'a> {
-        lock(&sh.clock).open += 1;
-        OpenConn { sh, accepted: false }
-    }
-}
-
-impl Drop for OpenConn<'_> {
+impl Drop for AcceptedConn<'_> {
     fn drop(&mut self) {
-        let mut c = lock(&self.sh.clock);
-        c.open -= 1;
-        if self.accepted {
-            c.last_closed = Instant::now();
-        }
+        *lock(&self.0.last_closed) = Instant::now();
     }
 }
 
@@ -307,7 +287,7 @@ impl PageSourceServer {
             opts: options,
             n: SrcCounters::default(),
             homed: AtomicBool::new(false),
-            clock: Mutex::new(ConnClock { open: 0, last_closed: Instant::now() }),
+            last_closed: Mutex::new(Instant::now()),
         });
         let acceptor = Acceptor::start(addr, shared.clone()).map_err(|e| match e {
             StartError::Bind(source) => PullServeError::Bind { addr, source },
@@ -325,10 +305,8 @@ impl PageSourceServer {
         let n = &self.shared.n;
         let gate = &self.shared.gate;
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let idle_ms = {
-            let c = lock(&self.shared.clock);
-            (c.open == 0).then(|| c.last_closed.elapsed().as_millis() as u64)
-        };
+        let active = gate.open_connections();
+        let idle_ms = (active == 0).then(|| lock(&self.shared.last_closed).elapsed().as_millis() as u64);
         SourceServeStats {
             connections: g(&gate.accepted),
             rejected: g(&gate.rejected),
@@ -336,7 +314,7 @@ impl PageSourceServer {
             pages: g(&n.pages),
             bytes: g(&n.bytes),
             refused_requests: g(&n.refused),
-            active_connections: gate.open_connections() as u64,
+            active_connections: active as u64,
             homed: self.shared.homed.load(Ordering::SeqCst),
             idle_ms,
         }
@@ -369,11 +347,10 @@ enum ConnEnd {
 }
 
 fn src_serve_conn(sh: &SrcShared, sock: TcpStream) {
-    let mut open = OpenConn::new(sh);
     if accept_hello(&sh.gate, &sock).is_none() {
         return;
     }
-    open.accepted = true;
+    let _accepted = AcceptedConn(sh);
     let _ = sock.set_read_timeout(Some(sh.opts.io_timeout));
     let _ = sock.set_write_timeout(Some(sh.opts.io_timeout));
     // Requests are 24 bytes and pipelined: read them in bulk.
