@@ -4,7 +4,7 @@
  * It writes nothing to stdout; its complaints go to stderr, which is the agent's (its log). It
  * exits as soon as the channel closes: the agent exited or died, and it must not outlive it.
  */
-import { execCommand, validateRequest, type SpawnReply, type SpawnRequest } from './spawner.js';
+import { execCommand, isId, validateRequest, type SpawnReply, type SpawnRequest } from './spawner.js';
 
 const say = (m: string) => process.stderr.write(`tern-agent command spawner (pid ${process.pid}): ${m}\n`);
 
@@ -29,18 +29,14 @@ const reply = (r: SpawnReply) => {
 };
 
 const run = (req: SpawnRequest) => {
-  const opts = {
-    ...(req.input !== undefined && { input: req.input }),
-    ...(req.timeoutMs !== undefined && { timeoutMs: req.timeoutMs }),
-    ...(req.maxBuffer !== undefined && { maxBuffer: req.maxBuffer }),
-    ...(req.env !== undefined && { env: req.env }),
-  };
-  execCommand(req.file, req.args, opts, (err, stdout, stderr) => {
-    if (!err) return reply({ id: req.id, code: 0, signal: null, stdout, stderr });
+  // validateRequest copied only the options that are set: the rest is execCommand's RunOptions.
+  const { id, file, args, ...opts } = req;
+  execCommand(file, args, opts, (err, stdout, stderr) => {
+    if (!err) return reply({ id, code: 0, signal: null, stdout, stderr });
     const e = err as NodeJS.ErrnoException & { killed?: boolean; signal?: string | null; code?: number | string | null; spawnargs?: unknown };
     const code = typeof e.code === 'number' || typeof e.code === 'string' ? e.code : null;
     reply({
-      id: req.id,
+      id,
       code,
       signal: typeof e.signal === 'string' ? e.signal : null,
       stdout,
@@ -63,7 +59,7 @@ process.on('message', (m: unknown) => {
   if (typeof req === 'string') {
     const id = typeof m === 'object' && m !== null ? (m as { id?: unknown }).id : undefined;
     say(`refused a malformed request: ${req}`);
-    if (typeof id === 'number' && Number.isSafeInteger(id) && id >= 0) {
+    if (isId(id)) {
       reply({ id, code: 'EINVAL', signal: null, stdout: '', stderr: '', error: { message: `malformed request to the command spawner: ${req}` } });
     }
     return;
