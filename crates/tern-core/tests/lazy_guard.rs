@@ -309,21 +309,12 @@ fn agent_death_kills_a_forked_child_too() {
         } else {
             started.child = None;
         }
-        assert!(
-            libc::WIFSIGNALED(wait_status) && libc::WTERMSIG(wait_status) == libc::SIGKILL,
-            "the {what} ended with wait status {wait_status:#x}, not SIGKILL"
-        );
+        assert_sigkilled(wait_status, what);
     }
     assert_eq!(num(&s, "errors"), 0, "the parent read wrong memory: {s:?}");
     assert_eq!(num(&c, "errors"), 0, "the child read wrong memory: {c:?}");
     assert!(num(&c, "checked") > 0 && c.get("phase").is_some_and(|p| p == "child-running"), "{c:?}");
-    let guard_status = reap(guard);
-    started.guard = None;
-    assert!(
-        libc::WIFEXITED(guard_status) && libc::WEXITSTATUS(guard_status) == 1,
-        "guard wait status {guard_status:#x} (exit 1: it killed the processes)"
-    );
-    assert!(guards_of(std::process::id() as i32).is_empty());
+    reap_guard_that_killed(guard, &mut started);
 }
 
 /// The agent (a copy of this test binary) restores a memcheck lazily and is SIGKILLed while
@@ -363,17 +354,26 @@ fn agent_death_kills_the_restored_process() {
     eprintln!("restored process gone {:.1} ms after the agent was killed; memcheck: {s:?}", after.as_secs_f64() * 1e3);
     let wait_status = reap(restored);
     started.restored = None;
+    assert_sigkilled(wait_status, "restored process");
+    assert_eq!(num(&s, "errors"), 0, "memcheck saw wrong memory: {s:?}");
+    reap_guard_that_killed(guard, &mut started);
+}
+
+fn assert_sigkilled(wait_status: i32, what: &str) {
     assert!(
         libc::WIFSIGNALED(wait_status) && libc::WTERMSIG(wait_status) == libc::SIGKILL,
-        "the restored process ended with wait status {wait_status:#x}, not SIGKILL"
+        "the {what} ended with wait status {wait_status:#x}, not SIGKILL"
     );
-    assert_eq!(num(&s, "errors"), 0, "memcheck saw wrong memory: {s:?}");
-    // The guard (ours now) said it killed the process, and is gone.
+}
+
+/// The guard (the test's child once its agent died) exited 1 (it killed the processes), is
+/// reaped, and no other guard is left.
+fn reap_guard_that_killed(guard: i32, started: &mut Started) {
     let guard_status = reap(guard);
     started.guard = None;
     assert!(
         libc::WIFEXITED(guard_status) && libc::WEXITSTATUS(guard_status) == 1,
-        "guard wait status {guard_status:#x} (exit 1: it killed the process)"
+        "guard wait status {guard_status:#x} (exit 1: it killed the processes)"
     );
     assert!(guards_of(std::process::id() as i32).is_empty());
 }
